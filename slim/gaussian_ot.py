@@ -94,11 +94,15 @@ def _sym_eig(x, name, d):
     return np.clip(w, 0.0, None), V
 
 
-def _sqrtm_psd(x, name, d):
-    """(R (d,d), w (d,), V (d,d)) with R = V diag(sqrt(w)) V^T the PSD square root of x."""
-    w, V = _sym_eig(x, name, d)
+def _sqrt_from_eig(w, V):
+    """R = V diag(sqrt(w)) V^T, symmetrized."""
     R = (V * np.sqrt(w)) @ V.T
-    return 0.5 * (R + R.T), w, V
+    return 0.5 * (R + R.T)
+
+
+def sqrtm_psd(x, name="x", d=None):
+    """PSD square root (d, d) of a symmetric PSD x (d, d); also used by slim.interventions."""
+    return _sqrt_from_eig(*_sym_eig(x, name, x.shape[0] if d is None else d))
 
 
 # -----------------------------------------------------------------------------
@@ -195,7 +199,7 @@ def solve_head_sdp(mu_hat, sigma_hat, theta, theta0, gamma, return_info=False):
     constraint already holds.
     """
     mu_hat, sigma_hat, theta, theta0, gamma, d = _check_head_inputs(mu_hat, sigma_hat, theta, theta0, gamma)
-    R, _, _ = _sqrtm_psd(sigma_hat, "sigma_hat", d)
+    R = sqrtm_psd(sigma_hat, "sigma_hat", d)
     mu_star, S_star, info = _solve_head(mu_hat, R, theta, theta0, float(norm.ppf(1.0 - gamma)))
     return (mu_star, S_star, info) if return_info else (mu_star, S_star)
 
@@ -251,7 +255,8 @@ def head_map_from_moments(mu_hat, sigma_hat, theta, theta0, gamma):
     mu_star and S_star; A = I, b = 0 exactly when the constraint already holds.
     """
     mu_hat, sigma_hat, theta, theta0, gamma, d = _check_head_inputs(mu_hat, sigma_hat, theta, theta0, gamma)
-    R, w, V = _sqrtm_psd(sigma_hat, "sigma_hat", d)
+    w, V = _sym_eig(sigma_hat, "sigma_hat", d)
+    R = _sqrt_from_eig(w, V)
     mu_star, S_star, info = _solve_head(mu_hat, R, theta, theta0, float(norm.ppf(1.0 - gamma)))
     if info["status"] == "identity_feasible":
         A, b = np.eye(d), np.zeros(d)  # exact, not R^-1 (R R^2 R)^(1/2) R^-1 up to rounding

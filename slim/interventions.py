@@ -1,0 +1,326 @@
+"""Intervention policies: SLIM, ITI and a MiMiC-style Gaussian OT baseline.
+
+Every policy edits the head-wise activations at the last position of every
+forward call (the prompt's last token, then each generated token under the KV
+cache; with left padding that is position -1 of every row). A policy attaches
+to a model as a context manager, so plain `model.generate` calls are edited:
+
+    policy = SlimPolicy.load("validation/policies/smollm2_135M_fold0")
+    with policy.attach(model):
+        out = model.generate(**batch)
+
+Policies save to a folder (tensors.safetensors + policy.json, no pickle) and
+refuse to attach to a model of another shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .heads import HeadTrace
+from .models import model_shape
+
+PSI = ("identity", "softmax")
+
+
+def model_fingerprint(model) -> dict:
+    """What a policy must match to be attached: architecture and head geometry."""
+    layers, heads, head_dim = model_shape(model)
+    return {"model_type": model.config.model_type, "num_layers": layers, "num_heads": heads,
+            "head_dim": head_dim, "vocab_size": int(model.config.vocab_size)}
+
+
+class Policy:
+    """Shared plumbing: tensors by name, save/load, attach."""
+
+    kind = "base"
+    tensor_names: tuple[str, ...] = ()
+
+    def __init__(self, fingerprint: dict | None = None, meta: dict | None = None):
+        self.fingerprint = fingerprint or {}
+        self.meta = meta or {}
+
+    # Subclasses define params() (JSON-able knobs) and edit(layer, acts).
+    def params(self) -> dict:
+        return {}
+
+    @property
+    def layers(self) -> list[int]:
+        raise NotImplementedError
+
+    def edit(self, layer: int, acts: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def check_model(self, model) -> None:
+        got = model_fingerprint(model)
+        if self.fingerprint and got != self.fingerprint:
+            raise ValueError(f"this {self.kind} policy was fitted on a model with {self.fingerprint}, "
+                             f"not {got}: fit it again for this model.")
+
+    def attach(self, model) -> HeadTrace:
+        """A context manager that applies the policy to `model` while it is open."""
+        self.check_model(model)
+        return HeadTrace(model, layers=self.layers, edit=self.edit)
+
+    def __call__(self, model) -> HeadTrace:  # lets a policy serve as an edit factory
+        return self.attach(model)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        try:
+            tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in self.tensor_names}
+            save_file(tensors, tmp / "tensors.safetensors")
+            (tmp / "policy.json").write_text(json.dumps(
+                {"kind": self.kind, "params": self.params(), "fingerprint": self.fingerprint,
+                 "meta": self.meta}, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    @staticmethod
+    def load(folder: str | os.PathLike) -> "Policy":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "policy.json").exists():
+            raise ValueError(f"{folder} holds no saved policy (policy.json missing).")
+        spec = json.loads((folder / "policy.json").read_text())
+        cls = {c.kind: c for c in (SlimPolicy, ITIPolicy, MimicPolicy)}.get(spec["kind"])
+        if cls is None:
+            raise ValueError(f"{folder}: unknown policy kind {spec['kind']!r}.")
+        tensors = load_file(folder / "tensors.safetensors")
+        return cls(**tensors, **spec["params"], fingerprint=spec["fingerprint"], meta=spec["meta"])
+
+
+def _psi(scores: torch.Tensor, votes: torch.Tensor, psi: str) -> torch.Tensor:
+    """Aggregation weights omega (batch, heads) from kappa * p * v."""
+    if psi == "identity":
+        return scores
+    # softmax over the voting heads only; heads that do not vote get weight 0
+    masked = scores.masked_fill(~votes, float("-inf"))
+    weights = torch.softmax(masked, dim=-1)
+    return torch.nan_to_num(weights, nan=0.0)  # a row with no vote is all -inf
+
+
+class SlimPolicy(Policy):
+    """SLIM at one layer: head probes vote, the layer detector fires at >= tau votes,
+    each voting head moves by omega_h * (A_h a_h + b_h - a_h), omega = psi(kappa * p * v)."""
+
+    kind = "slim"
+    tensor_names = ("weight", "bias", "A", "b")
+
+    def __init__(self, weight, bias, A, b, layer: int, tau: int, kappa: float, psi: str = "identity",
+                 fingerprint=None, meta=None):
+        super().__init__(fingerprint, meta)
+        self.weight = torch.as_tensor(weight, dtype=torch.float32)  # (H, d) probe weights
+        self.bias = torch.as_tensor(bias, dtype=torch.float32)  # (H,)
+        self.A = torch.as_tensor(A, dtype=torch.float32)  # (H, d, d) OT maps
+        self.b = torch.as_tensor(b, dtype=torch.float32)  # (H, d)
+        H, d = self.weight.shape
+        if self.bias.shape != (H,) or self.A.shape != (H, d, d) or self.b.shape != (H, d):
+            raise ValueError(f"inconsistent SLIM tensors: weight {tuple(self.weight.shape)}, bias "
+                             f"{tuple(self.bias.shape)}, A {tuple(self.A.shape)}, b {tuple(self.b.shape)}.")
+        if kappa < 0 or not np.isfinite(kappa):
+            raise ValueError(f"--kappa must be a finite number >= 0, got {kappa}.")
+        if psi not in PSI:
+            raise ValueError(f"--psi must be one of {', '.join(PSI)}, got {psi!r}.")
+        if not 0 <= int(tau) <= H:
+            raise ValueError(f"tau must lie in 0..{H}, got {tau}.")
+        if fingerprint and not 0 <= int(layer) < fingerprint["num_layers"]:
+            raise ValueError(f"layer {layer} is out of range: the model has layers "
+                             f"0..{fingerprint['num_layers'] - 1}.")
+        self.layer, self.tau, self.kappa, self.psi = int(layer), int(tau), float(kappa), psi
+        self._cache: dict = {}
+
+    @property
+    def layers(self) -> list[int]:
+        return [self.layer]
+
+    def params(self) -> dict:
+        return {"layer": self.layer, "tau": self.tau, "kappa": self.kappa, "psi": self.psi}
+
+    def _on(self, device) -> tuple[torch.Tensor, ...]:
+        if device not in self._cache:
+            self._cache = {device: tuple(t.to(device) for t in (self.weight, self.bias, self.A, self.b))}
+        return self._cache[device]
+
+    def step(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Edit last-position activations a (batch, H, d) -> (new a, votes (batch, H), fired (batch,))."""
+        weight, bias, A, b = self._on(a.device)
+        a32 = a.float()
+        p = torch.sigmoid(torch.einsum("bhd,hd->bh", a32, weight) + bias)  # (batch, H) P(undesirable)
+        votes = p > 0.5
+        fired = votes.sum(-1) >= self.tau  # (batch,)
+        omega = _psi(self.kappa * p * votes, votes, self.psi) * (votes & fired[:, None])  # (batch, H)
+        mapped = torch.einsum("hij,bhj->bhi", A, a32) + b  # (batch, H, d)
+        new = a32 + omega[..., None] * (mapped - a32)
+        return new.to(a.dtype), votes, fired
+
+    def edit(self, layer: int, acts: torch.Tensor) -> None:
+        # acts: (batch, seq, H, d); only the last position of this forward call moves
+        acts[:, -1] = self.step(acts[:, -1])[0]
+
+
+class ITIPolicy(Policy):
+    """ITI: add alpha * sigma_k * direction_k to K chosen (layer, head) pairs at the last position."""
+
+    kind = "iti"
+    tensor_names = ("heads", "directions", "sigmas")
+
+    def __init__(self, heads, directions, sigmas, alpha: float, fingerprint=None, meta=None):
+        super().__init__(fingerprint, meta)
+        self.heads = torch.as_tensor(heads, dtype=torch.long).reshape(-1, 2)  # (K, 2): layer, head
+        self.directions = torch.as_tensor(directions, dtype=torch.float32)  # (K, d), unit norm
+        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float32)  # (K,)
+        if not np.isfinite(alpha):
+            raise ValueError(f"--alpha must be finite, got {alpha}.")
+        self.alpha = float(alpha)
+        if fingerprint:
+            L, H = fingerprint["num_layers"], fingerprint["num_heads"]
+            bad = [(l, h) for l, h in self.heads.tolist() if not (0 <= l < L and 0 <= h < H)]
+            if bad:
+                raise ValueError(f"head {bad[0]} is out of range for a model with {L} layers x {H} heads.")
+        # per layer: (head indices, shifts (k, d))
+        self._by_layer: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in sorted(set(self.heads[:, 0].tolist())):
+            rows = (self.heads[:, 0] == layer).nonzero().flatten()
+            shift = self.alpha * self.sigmas[rows, None] * self.directions[rows]
+            self._by_layer[layer] = (self.heads[rows, 1], shift)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self._by_layer)
+
+    def params(self) -> dict:
+        return {"alpha": self.alpha}
+
+    def edit(self, layer: int, acts: torch.Tensor) -> None:
+        heads, shift = self._by_layer[layer]
+        acts[:, -1, heads.to(acts.device)] += shift.to(device=acts.device, dtype=acts.dtype)
+
+
+class MimicPolicy(Policy):
+    """MiMiC-style mean and covariance matching at one layer: every head's last-position
+    activation moves by the Gaussian OT map from the undesirable to the desirable class,
+    with no detector; `strength` interpolates between identity (0) and the full map (1)."""
+
+    kind = "mimic"
+    tensor_names = ("A", "b")
+
+    def __init__(self, A, b, layer: int, strength: float = 1.0, fingerprint=None, meta=None):
+        super().__init__(fingerprint, meta)
+        self.A = torch.as_tensor(A, dtype=torch.float32)  # (H, d, d)
+        self.b = torch.as_tensor(b, dtype=torch.float32)  # (H, d)
+        if strength < 0 or not np.isfinite(strength):
+            raise ValueError(f"strength must be a finite number >= 0, got {strength}.")
+        self.layer, self.strength = int(layer), float(strength)
+
+    @property
+    def layers(self) -> list[int]:
+        return [self.layer]
+
+    def params(self) -> dict:
+        return {"layer": self.layer, "strength": self.strength}
+
+    def edit(self, layer: int, acts: torch.Tensor) -> None:
+        a = acts[:, -1].float()  # (batch, H, d)
+        A, b = self.A.to(a.device), self.b.to(a.device)
+        mapped = torch.einsum("hij,bhj->bhi", A, a) + b
+        acts[:, -1] = (a + self.strength * (mapped - a)).to(acts.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting
+
+
+def fit_slim(acts_layer: np.ndarray, weight: np.ndarray, bias: np.ndarray, layer: int, tau: int, kappa: float,
+             gamma: float = 0.1, psi: str = "identity", fingerprint=None, **map_kw) -> tuple[SlimPolicy, list]:
+    """SLIM policy for one layer from its activations (N, H, d) and head probes (H, d), (H,)."""
+    from .gaussian_ot import fit_layer_maps
+
+    A, b, infos = fit_layer_maps(np.asarray(acts_layer, dtype=np.float64), weight, bias, gamma, **map_kw)
+    policy = SlimPolicy(weight, bias, A, b, layer=layer, tau=tau, kappa=kappa, psi=psi, fingerprint=fingerprint,
+                        meta={"gamma": gamma, "maps": infos})
+    return policy, infos
+
+
+def fit_iti(acts: np.ndarray, truthful: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
+            num_heads: int, alpha: float, direction: str = "com", tuning_acts: np.ndarray | None = None,
+            seed: int = 0, fingerprint=None) -> ITIPolicy:
+    """ITI (Li et al., 2023) from activations (N, L, H, d) of the probe texts.
+
+    A logistic-regression probe per head on the train rows ranks heads by val
+    accuracy; the top `num_heads` get a direction: the normalised difference of
+    class means over train+val (`com`), the probe weight (`probe`) or a random
+    one (`random`); sigma is the std of the tuning activations' projections on
+    it (the train+val rows when no tuning set is given).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    N, L, H, d = acts.shape
+    if not 1 <= num_heads <= L * H:
+        raise ValueError(f"--num_heads must lie in 1..{L * H} for this model, got {num_heads}.")
+    if direction not in ("com", "probe", "random"):
+        raise ValueError(f"direction must be com, probe or random, got {direction!r}.")
+    y = np.asarray(truthful).astype(int)
+    accuracy = np.zeros((L, H))
+    probe_w = np.zeros((L, H, d))
+    for layer in range(L):
+        block = np.asarray(acts[:, layer], dtype=np.float32)  # (N, H, d)
+        for head in range(H):
+            clf = LogisticRegression(max_iter=1000, random_state=seed)
+            clf.fit(block[train_rows, head], y[train_rows])
+            accuracy[layer, head] = clf.score(block[val_rows, head], y[val_rows])
+            probe_w[layer, head] = clf.coef_[0]
+    order = np.argsort(-accuracy.ravel(), kind="stable")[:num_heads]
+    chosen = np.stack(np.unravel_index(order, (L, H)), axis=1)  # (K, 2)
+    fit_rows = np.concatenate([train_rows, val_rows])
+    tuning = acts[fit_rows] if tuning_acts is None else tuning_acts
+    rng = np.random.default_rng(seed)
+    directions, sigmas = [], []
+    for layer, head in chosen:
+        a = np.asarray(acts[fit_rows, layer, head], dtype=np.float64)
+        if direction == "com":
+            vec = a[y[fit_rows] == 1].mean(0) - a[y[fit_rows] == 0].mean(0)
+        elif direction == "probe":
+            vec = probe_w[layer, head]
+        else:
+            vec = rng.standard_normal(d)
+        vec = vec / np.linalg.norm(vec)
+        directions.append(vec)
+        sigmas.append(np.std(np.asarray(tuning[:, layer, head], dtype=np.float64) @ vec))
+    return ITIPolicy(chosen, np.array(directions), np.array(sigmas), alpha=alpha, fingerprint=fingerprint,
+                     meta={"direction": direction, "val_accuracy": accuracy[chosen[:, 0], chosen[:, 1]].tolist()})
+
+
+def fit_mimic(acts_layer: np.ndarray, undesirable: np.ndarray, layer: int, strength: float = 1.0,
+              fingerprint=None) -> MimicPolicy:
+    """Per head, the Gaussian OT map N(mu_u, S_u) -> N(mu_d, S_d) between the classes (N, H, d)."""
+    from .gaussian_ot import ot_map, regularize_covariance, sqrtm_psd
+
+    acts_layer = np.asarray(acts_layer, dtype=np.float64)
+    undesirable = np.asarray(undesirable).astype(bool)
+    if undesirable.all() or not undesirable.any():
+        raise ValueError("MiMiC needs rows of both classes in the fitting split.")
+    N, H, d = acts_layer.shape
+    A, b = np.zeros((H, d, d)), np.zeros((H, d))
+    for head in range(H):
+        mu_u, sig_u, _ = regularize_covariance(acts_layer[undesirable, head])
+        mu_d, sig_d, _ = regularize_covariance(acts_layer[~undesirable, head])
+        A[head], b[head] = ot_map(mu_u, sig_u, mu_d, sqrtm_psd(sig_d, "sigma_desirable"))
+    return MimicPolicy(A, b, layer=layer, strength=strength, fingerprint=fingerprint)
