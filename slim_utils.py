@@ -7,6 +7,7 @@ the cached activations, so every script and every method sees the same data.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -39,6 +40,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                         "cache, download)")
     parser.add_argument("--out_dir", default=str(VALIDATION_DIR), help="where outputs go")
     return parser
+
+
+def check_common_args(args) -> None:
+    """Fail on a bad model key, device or fold count before any data or model is touched."""
+    from slim.models import resolve_device, resolve_model_name
+
+    if not args.model_dir:
+        resolve_model_name(args.model_name)
+    resolve_device(args.device)
+    if args.num_fold < 2:
+        raise ValueError(f"--num_fold must be at least 2, got {args.num_fold}.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}.")
 
 
 def run_main(main) -> None:
@@ -97,3 +111,153 @@ def probe_data(args, lm: LoadedModel | None, df: pd.DataFrame, dataset_name: str
 def rows_of(texts: pd.DataFrame, question_idx: np.ndarray) -> np.ndarray:
     """Row indices of the probe texts that belong to the given questions."""
     return np.flatnonzero(texts["question_idx"].isin(set(question_idx.tolist())).to_numpy())
+
+
+def write_table(df: pd.DataFrame, path: Path) -> Path:
+    from slim.data import write_csv_atomic
+
+    return write_csv_atomic(df, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1 glue
+
+
+def add_probe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from slim.probes import LAYER_CRITERIA, LOSS_TYPES
+
+    parser.add_argument("--bl", type=float, default=1.0, help="weight of the FNR in the probe loss (paper's alpha)")
+    parser.add_argument("--beta", type=float, default=0.0, help="L2 penalty on the probe weights")
+    parser.add_argument("--loss_type", default="risk", choices=LOSS_TYPES)
+    parser.add_argument("--epochs", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--probe_seed", type=int, default=0, help="seed of the probes' initial weights")
+    parser.add_argument("--criterion", default="val_loss", choices=LAYER_CRITERIA,
+                        help="how the edited layer is chosen from the per-layer validation metrics")
+    return parser
+
+
+def probe_config(args):
+    from slim.pipeline import ProbeConfig
+
+    cfg = ProbeConfig(args.loss_type, args.bl, args.beta, args.epochs, args.lr, args.probe_seed)
+    cfg.check()
+    return cfg
+
+
+def stage1(args, data: ProbeData, folds: list[dict], cfg) -> dict:
+    """Probes of every fold (trained once, then read back from validation/probes/)."""
+    from slim.activations import texts_digest
+    from slim.models import resolve_device
+    from slim.pipeline import train_fold_probes
+
+    device = resolve_device(args.device)
+    device = "cpu" if device == "auto" else device
+    features_id = f"{model_tag(args)}/{args.dataset_name}/{texts_digest(data.texts['text'].tolist())}"
+    labels = data.texts["label"].to_numpy()
+    out = {}
+    for fold, split in enumerate(folds):
+        path = Path(args.out_dir) / "probes" / model_tag(args) / f"fold{fold}_{args.dataset_name}_{cfg.tag()}.safetensors"
+        out[fold] = train_fold_probes(data.activations, labels, rows_of(data.texts, split["train"]),
+                                      rows_of(data.texts, split["val"]), cfg, path, features_id, device=device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation glue
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--use_mode", default="test", choices=("test", "val"),
+                        help="score the fold's test questions, or its validation questions (for tuning)")
+    parser.add_argument("--judge_name", default="offline",
+                        help="truth judge: offline (trained here), local:<hub id or folder>, or an OpenAI "
+                             "model name (openai:<name> or a bare fine-tuned name, as in the paper)")
+    parser.add_argument("--info_name", default="offline", help="informativeness judge, same forms")
+    parser.add_argument("--embedder", default="all-MiniLM-L6-v2",
+                        help="sentence embedder for SEM (paper: mixedbread-ai/mxbai-embed-large-v1)")
+    parser.add_argument("--max_questions", type=int, default=None,
+                        help="quick mode: only the first N questions of each fold's split")
+    parser.add_argument("--max_new_tokens", type=int, default=50)
+    parser.add_argument("--mc", action="store_true", help="also compute MC1/MC2 (slow on a CPU)")
+    return parser
+
+
+def split_questions(df: pd.DataFrame, split_idx: np.ndarray, max_questions: int | None) -> pd.DataFrame:
+    idx = np.sort(split_idx)[:max_questions] if max_questions else np.sort(split_idx)
+    out = df.iloc[idx].copy()
+    out.insert(0, "question_idx", idx)
+    return out
+
+
+def run_method(args, lm: LoadedModel, df: pd.DataFrame, folds: list[dict], method: str, params: dict,
+               edit_for_fold, scorers=None) -> tuple[list[dict], dict]:
+    """Answer and score every fold's split with `edit_for_fold(fold)` active; write and print the summary.
+
+    Returns the per-fold rows and their mean.
+    """
+    from slim.metrics import write_summary
+    from slim.pipeline import evaluate, fold_average, fmt, load_scorers
+
+    if args.max_questions is not None and args.max_questions < 1:
+        raise ValueError(f"--max_questions must be at least 1, got {args.max_questions}.")
+    scorers = scorers or load_scorers(args.judge_name, args.info_name, args.embedder, args.tqa_dir)
+    tag = model_tag(args)
+    ptag = "_".join(f"{k}{fmt(v) if isinstance(v, float) else v}" for k, v in params.items())
+    name = f"{method}_{ptag}" if ptag else method
+    quick = f"_first{args.max_questions}" if args.max_questions else ""
+    rows = []
+    for fold, split in enumerate(folds):
+        questions = split_questions(df, split[args.use_mode], args.max_questions)
+        answers_csv = Path(args.out_dir) / "answers" / tag / f"{name}_fold{fold}_{args.use_mode}{quick}.csv"
+        row = evaluate(lm, questions, edit_for_fold(fold), method, params, fold, args.use_mode, answers_csv,
+                       scorers, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mc=args.mc)
+        row["model"] = tag
+        rows.append(row)
+        print(format_row(row), flush=True)
+    mean = fold_average(rows)
+    summary = Path(args.out_dir) / "summary" / f"{tag}_{name}_{args.use_mode}{quick}"
+    write_summary(rows + [mean], summary.with_suffix(".csv"), summary.with_suffix(".json"))
+    print(format_row(mean), flush=True)
+    print(f"summary: {summary.with_suffix('.csv')}")
+    return rows, mean
+
+
+def format_row(row: dict) -> str:
+    return (f"{row['method']:<12} fold {row['fold']!s:<4} {row['split']:<4} n={int(row['n_questions']):<4} "
+            f"True*Info {row['true_info']:6.2f}  True {row['true']:6.2f}  Info {row['info']:6.2f}  "
+            f"SEM {row['sem']:.3f}  degenerate {row['degeneracy']:.3f}")
+
+
+def slim_policy(acts_layer: np.ndarray, probes, layer: int, args, maps_path: Path, fingerprint: dict):
+    """The SLIM policy of one fold; its head maps are read back when fitted with the same settings."""
+    from slim.gaussian_ot import fit_layer_maps, load_layer_maps, save_layer_maps
+    from slim.interventions import SlimPolicy
+
+    weight, bias, tau = probes.weight[layer], probes.bias[layer], int(probes.tau[layer])
+    expected = {"probes": str(probes.path), "layer": layer, "gamma": args.alpha, "cov": args.cov,
+                "min_samples": args.min_samples, "n_rows": int(acts_layer.shape[0])}
+    A = None
+    if maps_path.exists():
+        A, b, infos, meta = load_layer_maps(maps_path)
+        if meta != expected:
+            A = None
+    if A is None:
+        A, b, infos = fit_layer_maps(acts_layer, weight, bias, args.alpha, cov=args.cov, min_samples=args.min_samples)
+        maps_path.parent.mkdir(parents=True, exist_ok=True)
+        save_layer_maps(maps_path, A, b, infos, expected)
+    return SlimPolicy(weight, bias, A, b, layer=layer, tau=tau, kappa=args.kappa, psi=args.psi,
+                      fingerprint=fingerprint, meta={"gamma": args.alpha, "maps": infos, "maps_file": str(maps_path)})
+
+
+def knob(value: str, args, method: str, name: str) -> float:
+    """A float flag, or `best`: the value sweep.sh chose on the validation questions."""
+    if str(value).lower() != "best":
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"--{name} must be a number or 'best', got {value!r}.") from None
+    path = Path(args.out_dir) / f"{model_tag(args)}_best_{method}.json"
+    if not path.exists():
+        raise ValueError(f"--{name} best: {path} does not exist; run sweep.sh (METHOD={method}) first.")
+    return float(json.loads(path.read_text())["value"])

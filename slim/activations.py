@@ -9,6 +9,8 @@ interrupted run resumes where it stopped and a finished one is simply reused.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -101,6 +103,28 @@ def cached_head_activations(model, tokenizer, texts: list[str], cache_dir: str |
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     array_path, manifest_path = _paths(cache_dir, model_name, dataset_name)
+    with _exclusive(manifest_path.with_suffix(".lock")):
+        return _fill_cache(model, tokenizer, texts, array_path, manifest_path, model_name, dataset_name,
+                           prompt_format, batch_size, device, progress)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """One writer per cache file: a second process gets a clear error instead of racing the first."""
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another process is extracting into {lock_path.with_suffix('.npy')}: "
+                               "wait for it to finish (it resumes if stopped).") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fill_cache(model, tokenizer, texts, array_path, manifest_path, model_name, dataset_name, prompt_format,
+                batch_size, device, progress) -> np.ndarray:
     n_layers, n_heads, head_dim = model_shape(model)
     manifest = {**_manifest(texts, model_name, dataset_name, prompt_format),
                 "shape": [len(texts), n_layers, n_heads, head_dim]}

@@ -459,3 +459,8 @@ def load_layer_maps(path):
         metadata = f.metadata() or {}
         A, b = f.get_tensor("A"), f.get_tensor("b")
     return A, b, json.loads(metadata.get("infos", "[]")), json.loads(metadata.get("meta", "{}"))
+
+
+def check_gamma(gamma):
+    """Public form of the gamma check: a float in (0, 0.5) or a one-line ValueError."""
+    return _check_gamma(gamma)

@@ -1,0 +1,68 @@
+"""Stage 1: risk-aware head probes for every layer, and the choice of the edited layer.
+
+    python choose_edited_layer.py llama_7B --dataset_name tqa_mc2 --device 0 --num_fold 2 --bl 1.0
+    python choose_edited_layer.py smollm2_135M --num_fold 2 --bl 1.0 --figure_bls 0.6 0.8 1.0 1.2 1.4 2.0
+
+Writes, under --out_dir (validation/): the probes of each fold
+(probes/<model>/fold<k>_<settings>.safetensors), one tidy table of per-layer
+validation metrics (<model>_layer_metrics_<settings>.csv), the chosen layer
+per fold (<model>_chosen_layer_<settings>.json), and the paper's Figure 1 as
+PNG files under paper/.
+"""
+
+import argparse
+from pathlib import Path
+
+import slim_utils as su
+from slim.pipeline import ProbeConfig, chosen_layers, layer_table, write_json_atomic
+from slim.reports import plot_fnr_by_bl, plot_fnr_fpr
+
+
+def main():
+    parser = su.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    su.add_probe_args(parser)
+    parser.add_argument("--figure_bls", type=float, nargs="*", default=None,
+                        help="also train probes for these bl values and draw Figure 1(b) (paper: 0.6 ... 2.0)")
+    parser.add_argument("--no_figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument("--paper_dir", default=str(su.PAPER_DIR), help="where the figures go")
+    args = parser.parse_args()
+    cfg = su.probe_config(args)  # bad settings fail here, before any model or data is loaded
+    for bl in args.figure_bls or []:
+        ProbeConfig(cfg.loss_type, bl, cfg.beta, cfg.epochs, cfg.lr, cfg.seed).check()
+    su.check_common_args(args)
+
+    df, folds = su.questions_and_splits(args)
+    data = su.probe_data(args, None, df)
+    fold_probes = su.stage1(args, data, folds, cfg)
+    table = layer_table(fold_probes, cfg)
+    layers = chosen_layers(fold_probes, args.criterion)
+
+    tag = su.model_tag(args)
+    out = Path(args.out_dir)
+    su.write_table(table, out / f"{tag}_layer_metrics_{cfg.tag()}.csv")
+    write_json_atomic(out / f"{tag}_chosen_layer_{cfg.tag()}.json",
+                      {"model": tag, "criterion": args.criterion, "probe_settings": cfg.tag(),
+                       "chosen_layer": {str(k): v for k, v in layers.items()}})
+    for fold, layer in layers.items():
+        row = table[(table.fold == fold) & (table.layer == layer)].iloc[0]
+        print(f"fold {fold}: chosen layer {layer} ({args.criterion}) -- tau {row.tau}, val loss {row.val_loss:.3f}, "
+              f"FPR {row.fpr:.3f}, FNR {row.fnr:.3f}, acc {row.acc:.3f}, F1 {row.f1:.3f}")
+
+    if not args.no_figures:
+        name = args.model_dir or args.model_name
+        fig_a = plot_fnr_fpr(table, name, cfg.bl, Path(args.paper_dir) / f"figure1a_{tag}_fnr_fpr_by_layer.png")
+        print(f"Figure 1(a): {fig_a}")
+        if args.figure_bls:
+            tables = []
+            for bl in args.figure_bls:
+                cfg_bl = ProbeConfig(cfg.loss_type, bl, cfg.beta, cfg.epochs, cfg.lr, cfg.seed)
+                tables.append(layer_table(su.stage1(args, data, folds, cfg_bl), cfg_bl))
+            import pandas as pd
+            sweep = pd.concat(tables, ignore_index=True)
+            su.write_table(sweep, out / f"{tag}_layer_metrics_bl_sweep.csv")
+            fig_b = plot_fnr_by_bl(sweep, name, Path(args.paper_dir) / f"figure1b_{tag}_fnr_by_bl.png")
+            print(f"Figure 1(b): {fig_b}")
+
+
+if __name__ == "__main__":
+    su.run_main(main)

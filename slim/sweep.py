@@ -1,0 +1,73 @@
+"""Pick the best setting of a sweep from its validation summaries.
+
+    python -m slim.sweep --criterion true_info --max_degeneracy 0.2 --param kappa --method slim \
+        --out_dir validation validation/summary/smollm2_135M_slim_*_val.json
+
+Each summary JSON holds per-fold rows and a fold-mean row; the mean rows are
+compared. The default criterion is True*Info from the judges, ties broken by
+SEM. A setting whose degeneracy rate (answers that are empty or mostly one
+repeated token or phrase) exceeds --max_degeneracy is never chosen: a broken
+model can score well on SEM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+CRITERIA = ("true_info", "true", "info", "sem")
+
+
+def mean_row(summary_json: str | Path) -> dict:
+    rows = json.loads(Path(summary_json).read_text())
+    means = [r for r in rows if r.get("fold") == "mean"]
+    if not means:
+        raise ValueError(f"{summary_json} has no fold-mean row: is it a summary written by the scripts?")
+    return means[0]
+
+
+def select_best(rows: list[dict], criterion: str = "true_info", max_degeneracy: float = 0.2) -> dict:
+    """The row with the highest criterion (then SEM) among those not degenerate."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}.")
+    usable = [r for r in rows if r["degeneracy"] <= max_degeneracy]
+    if not usable:
+        raise ValueError(f"every setting has a degeneracy rate above {max_degeneracy}: widen the grid towards "
+                         "weaker settings or raise --max_degeneracy.")
+    return max(usable, key=lambda r: (r[criterion], r["sem"]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Pick the best setting of a sweep.")
+    parser.add_argument("summaries", nargs="+")
+    parser.add_argument("--criterion", default="true_info", choices=CRITERIA)
+    parser.add_argument("--max_degeneracy", type=float, default=0.2)
+    parser.add_argument("--param", default="kappa", help="the swept parameter to report")
+    parser.add_argument("--method", default="slim", help="names the output: <out_dir>/<model>_best_<method>.json")
+    parser.add_argument("--out_dir", default=None, help="write the choice under this folder as JSON")
+    args = parser.parse_args(argv)
+    rows = [dict(mean_row(s), summary=str(s)) for s in args.summaries]
+    print(f"{args.param:>10} {'True*Info':>10} {'True':>7} {'Info':>7} {'SEM':>6} {'degen':>6}")
+    for r in sorted(rows, key=lambda r: float(r.get(args.param, 0))):
+        print(f"{r.get(args.param)!s:>10} {r['true_info']:10.2f} {r['true']:7.2f} {r['info']:7.2f} "
+              f"{r['sem']:6.3f} {r['degeneracy']:6.3f}")
+    best = select_best(rows, args.criterion, args.max_degeneracy)
+    print(f"best {args.param}: {best.get(args.param)} (criterion {args.criterion}, ties by SEM, "
+          f"degeneracy <= {args.max_degeneracy})")
+    if args.out_dir:
+        from .pipeline import write_json_atomic
+
+        out = Path(args.out_dir) / f"{best['model']}_best_{args.method}.json"
+        print(f"written to {out}")
+        write_json_atomic(out, {"param": args.param, "value": best.get(args.param), "criterion": args.criterion,
+                                     "max_degeneracy": args.max_degeneracy, "row": best,
+                                     "candidates": rows})
+    return best
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:
+        raise SystemExit(f"error: {err}")

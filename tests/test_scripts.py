@@ -1,0 +1,97 @@
+"""The published command lines, end to end, on a tiny random Llama saved to a folder (offline, fast)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import REPO, TQA_DIR, make_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    model_dir = root / "tiny_llama"
+    model = tiny_model("llama", vocab_size=len(make_tokenizer()))
+    model.save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    return root, model_dir
+
+
+def run(args, root, env=None, check=True):
+    cmd = [sys.executable, *args]
+    full_env = {**os.environ, "SLIM_TQA_DIR": str(TQA_DIR), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def common(root, model_dir):
+    return ["--model_dir", str(model_dir), "--device", "cpu", "--num_fold", "2", "--out_dir", str(root / "validation")]
+
+
+def eval_flags(model_dir):
+    return ["--judge_name", f"local:{model_dir}", "--info_name", f"local:{model_dir}", "--max_questions", "3",
+            "--max_new_tokens", "4"]
+
+
+def test_three_commands_and_sweep(work):
+    root, model_dir = work
+    out = root / "validation"
+    res = run(["choose_edited_layer.py", "llama_7B", *common(root, model_dir), "--dataset_name", "tqa_mc2",
+               "--bl", "1.0", "--epochs", "5", "--paper_dir", str(root / "paper")], root)
+    assert "chosen layer" in res.stdout
+    table = pd.read_csv(next(out.glob("tiny_llama_layer_metrics_*.csv")))
+    assert sorted(table.fold.unique()) == [0, 1] and len(table) == 2 * 3
+    assert {"acc", "f1", "tp", "tn", "fp", "fn", "fpr", "fnr", "tau", "val_loss"} <= set(table.columns)
+    assert (root / "paper" / "figure1a_tiny_llama_fnr_fpr_by_layer.png").exists()
+    probes = sorted((out / "probes" / "tiny_llama").glob("fold*.safetensors"))
+    assert len(probes) == 2
+    mtimes = [p.stat().st_mtime for p in probes]
+
+    res = run(["ot_edit_layer.py", "llama_7B", *common(root, model_dir), "--bl", "1.0", "--alpha", "0.1",
+               "--kappa", "40", "--use_mode", "test", "--epochs", "5", "--mimic", *eval_flags(model_dir)], root)
+    assert [p.stat().st_mtime for p in probes] == mtimes  # stage 1 was read back, not retrained
+    rows = json.loads(next((out / "summary").glob("tiny_llama_slim_*_test_first3.json")).read_text())
+    assert [r["fold"] for r in rows] == [0, 1, "mean"]
+    assert rows[-1]["method"] == "slim" and rows[-1]["kappa"] == 40.0
+    assert list((out / "summary").glob("tiny_llama_mimic_*_test_first3.json"))
+    answers = pd.read_csv(next((out / "answers" / "tiny_llama").glob("slim_*_fold0_test_first3.csv")))
+    assert answers["question_idx"].tolist() == [0, 1, 2]
+    assert list((out / "policies" / "tiny_llama").glob("slim_fold0_*/policy.json"))
+
+    res = run(["validate_2fold.py", "llama_7B", *common(root, model_dir), "--num_heads", "4", "--alpha", "15",
+               "--use_center_of_mass", *eval_flags(model_dir)], root)
+    assert "iti" in res.stdout and list((out / "summary").glob("tiny_llama_iti_*_test_first3.csv"))
+    run(["validate_2fold.py", "llama_7B", *common(root, model_dir), "--alpha", "0", *eval_flags(model_dir)], root)
+    assert list((out / "summary").glob("tiny_llama_baseline_test_first3.csv"))
+
+    env = {"KAPPAS": "0 5", "MAX_QUESTIONS": "2", "OUT_DIR": str(out), "MODEL": "llama_7B"}
+    proc = subprocess.run(["bash", "sweep.sh", "--model_dir", str(model_dir), "--device", "cpu", "--epochs", "5",
+                           "--judge_name", f"local:{model_dir}", "--info_name", f"local:{model_dir}",
+                           "--max_new_tokens", "4"],
+                          cwd=REPO, env={**os.environ, "SLIM_TQA_DIR": str(TQA_DIR), **env}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    best = json.loads((out / "tiny_llama_best_slim.json").read_text())
+    assert best["param"] == "kappa" and best["value"] in (0.0, 5.0) and len(best["candidates"]) == 2
+
+
+def test_bad_input_is_one_line_and_keeps_results(work):
+    root, model_dir = work
+    for args, message in [
+        (["choose_edited_layer.py", "llama_9B"], "unknown model key"),
+        (["choose_edited_layer.py", *common(root, model_dir), "--bl", "-1"], "bl must be"),
+        (["choose_edited_layer.py", *common(root, model_dir), "--beta", "-0.5"], "beta must be"),
+        (["choose_edited_layer.py", *common(root, model_dir), "--epochs", "0"], "epochs must be"),
+        (["ot_edit_layer.py", *common(root, model_dir), "--kappa", "-1"], "kappa must be"),
+        (["ot_edit_layer.py", *common(root, model_dir), "--alpha", "0.5"], "must lie in (0, 0.5)"),
+    ]:
+        proc = run(args, root, check=False)
+        assert proc.returncode == 2, (args, proc.stderr[-2000:])
+        lines = [l for l in proc.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error:"), proc.stderr[-2000:]
