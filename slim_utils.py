@@ -48,7 +48,7 @@ def check_common_args(args) -> None:
 
     if not args.model_dir:
         resolve_model_name(args.model_name)
-    resolve_device(args.device)
+    args.device = resolve_device(args.device)  # resolved once: a CPU fallback warns once
     if args.num_fold < 2:
         raise ValueError(f"--num_fold must be at least 2, got {args.num_fold}.")
     if args.batch_size < 1:

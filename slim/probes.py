@@ -3,7 +3,8 @@
 One logistic probe per (layer, head) reads that head's last-token activation
 and outputs p = sigmoid(theta0 + theta . a) = P(undesirable); label y = 1 means
 undesirable (untruthful), y = 0 desirable. The P = L*H probes are independent,
-so they are trained together as one batched tensor program:
+so they are trained together as one batched tensor program (on CPU, one
+program per cache-sized block of probes; see RiskAwareProbes.block_size):
 
     XT    (P, d+1, N_train + N_val)   activations, transposed, with a row of ones
     theta (P, d+1)                    [weights | bias] of every probe
@@ -23,6 +24,8 @@ with the best detector is the one stage 2 edits.
 import json
 import math
 import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -38,6 +41,14 @@ ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 # losses: p (N, P) probabilities of "undesirable", y (N,) labels, result (P,)
 
 
+def _labels_like(p, y):
+    """y (N,) as a float column (N, 1) matching p (N, P)."""
+    y = torch.as_tensor(y, device=p.device)
+    if p.ndim != 2 or y.shape != p.shape[:1]:
+        raise ValueError(f"p must be (N, P) and y (N,), got {tuple(p.shape)} and {tuple(y.shape)}")
+    return y.to(p.dtype).unsqueeze(1)
+
+
 def _l2_penalty(beta, weight, like):
     # beta * ||theta||^2 on the slopes only; the bias is not regularised (eq. 2)
     if weight is None or beta == 0:
@@ -51,7 +62,7 @@ def smooth_risk_loss(p, y, bl=1.0, beta=0.0, weight=None):
     smooth FPR = sum_i p_i (1 - y_i) / N0,  smooth FNR = sum_i (1 - p_i) y_i / N1.
     p (N, P), y (N,), weight (P, d) or None -> (P,)
     """
-    y = y.to(p.dtype).unsqueeze(1)  # (N, 1)
+    y = _labels_like(p, y)  # (N, 1)
     n1 = y.sum()
     n0 = y.numel() - n1
     fpr = (p * (1 - y)).sum(0) / n0
@@ -65,14 +76,14 @@ def cross_entropy_loss(p, y, beta=0.0, weight=None):
     Computed from probabilities, so log is clamped at -100 as in torch's BCELoss.
     p (N, P), y (N,) -> (P,)
     """
-    y = y.to(p.dtype).unsqueeze(1).expand_as(p)
+    y = _labels_like(p, y).expand_as(p)
     bce = nn.functional.binary_cross_entropy(p, y, reduction="none").mean(0)
     return bce + _l2_penalty(beta, weight, p)
 
 
 def l2_loss(p, y, beta=0.0, weight=None):
     """Mean squared error between p and y (+ beta ||theta||^2). p (N, P) -> (P,)"""
-    y = y.to(p.dtype).unsqueeze(1)
+    y = _labels_like(p, y)
     return ((p - y) ** 2).mean(0) + _l2_penalty(beta, weight, p)
 
 
@@ -96,7 +107,7 @@ def _risk_from_counts(fp, fn, n0, n1, bl):
 def hard_risk_loss(p, y, bl=1.0):
     """Hard FPR + bl * FNR with the decision p > 0.5. p (N, P), y (N,) -> (P,) float64."""
     pred = p > 0.5
-    pos = torch.as_tensor(y, device=p.device).bool().unsqueeze(1)  # (N, 1)
+    pos = _labels_like(p, y).bool()  # (N, 1)
     n1 = int(pos.sum())
     n0 = pos.shape[0] - n1
     fp = (pred & ~pos).sum(0).double()
@@ -214,31 +225,29 @@ def _check_labels(y, n, name):
     y = _as_tensor(y, name)
     if y.ndim != 1 or y.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},) to match the activations, got {tuple(y.shape)}")
-    if y.is_floating_point() and not torch.isfinite(y).all():
-        raise ValueError(f"{name} contains NaN or inf; labels must be 0 (desirable) or 1 (undesirable)")
-    if not ((y == 0) | (y == 1)).all():
+    if not ((y == 0) | (y == 1)).all():  # NaN fails this too
         raise ValueError(f"{name} must be binary: 0 = desirable, 1 = undesirable")
     n1 = int((y == 1).sum())
     if n1 == 0 or n1 == n:
-        raise ValueError(f"{name} needs both labels (has {n1} positives of {n}); FPR and FNR are undefined otherwise, re-split the folds")
+        raise ValueError(f"{name} needs both labels (has {n1} positives of {n}); FPR and FNR are "
+                         "undefined otherwise, re-split the folds")
     return y
 
 
-def _check_activations(X, name, probe_shape=None):
-    """(N, P, d) or (N, L, H, d) -> float tensor (N, P, d) and the probe grid shape."""
+def _check_activations(X, name, n_probes=None, d=None):
+    """(N, P, d) or (N, L, H, d) -> tensor (N, P, d) and the probe grid, (P,) or (L, H)."""
     X = _as_tensor(X, name)
     if X.ndim not in (3, 4):
         raise ValueError(f"{name} must have shape (N, P, d) or (N, L, H, d), got {tuple(X.shape)}")
     if not X.is_floating_point():
         raise ValueError(f"{name} must hold floats (activations), got dtype {X.dtype}")
     grid = tuple(X.shape[1:-1])
-    if probe_shape is not None and tuple(X.shape[1:]) != probe_shape:
-        raise ValueError(f"{name} has probe/feature shape {tuple(X.shape[1:])}, expected {probe_shape} as in fit")
     X = X.reshape(X.shape[0], -1, X.shape[-1])
+    if n_probes is not None and (X.shape[1], X.shape[2]) != (n_probes, d):
+        raise ValueError(f"{name} has {X.shape[1]} probes of size {X.shape[2]} (shape {tuple(grid)} x {X.shape[2]}), "
+                         f"expected {n_probes} of size {d} as in the training activations")
     if X.shape[0] == 0:
         raise ValueError(f"{name} has no rows")
-    if not torch.isfinite(X).all():
-        raise ValueError(f"{name} contains NaN or inf; check the activation cache")
     return X, grid
 
 
@@ -257,17 +266,25 @@ class RiskAwareProbes:
     device     torch device
     dtype      "float32" or "float64" (float64 for exact comparisons)
     block_size probes per block: the P probes are trained in blocks of this
-               many, each block one batched program; a block small enough to
-               stay in the CPU cache through all epochs is several times faster
-               than streaming every probe's activations from memory each epoch.
-               None = a few MiB of activations per block on CPU, all probes on GPU.
+               many, each block one batched program for all epochs. On CPU a
+               block small enough to stay in the cache through all epochs is
+               several times faster than streaming every probe's activations
+               from memory each epoch. None = about 6 MiB of activations per
+               block on CPU, all probes in one block on GPU.
+    n_jobs     CPU only: blocks trained at once, in threads, each running its
+               torch ops single-threaded (a cache-sized block is too small to
+               split across threads: doing so was over 30x slower on a busy
+               2-core machine). None = torch.get_num_threads(). On a machine
+               whose cores are already busy with other work, n_jobs=1 can be
+               faster. While fit runs on CPU, torch's intra-op thread count is
+               1 (restored afterwards); results do not depend on n_jobs.
 
     After fit: coef_ (P, d), intercept_ (P,), best_epoch_ (P,) in 1..epochs,
     best_val_loss_ (P,), n_features_in_ = d, probe_shape_ = (P,) or (L, H).
     """
 
     def __init__(self, loss_type="risk", bl=1.0, beta=0.0, epochs=1000, lr=2e-3, seed=0,
-                 device="cpu", dtype="float32", block_size=None):
+                 device="cpu", dtype="float32", block_size=None, n_jobs=None):
         self.loss_type = loss_type
         self.bl = bl
         self.beta = beta
@@ -277,6 +294,7 @@ class RiskAwareProbes:
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
+        self.n_jobs = n_jobs
 
     def _check_params(self):
         if self.loss_type not in LOSS_TYPES:
@@ -293,51 +311,67 @@ class RiskAwareProbes:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.block_size is not None and (int(self.block_size) != self.block_size or self.block_size < 1):
             raise ValueError(f"block_size must be None or an integer >= 1, got {self.block_size}")
+        if self.n_jobs is not None and (int(self.n_jobs) != self.n_jobs or self.n_jobs < 1):
+            raise ValueError(f"n_jobs must be None or an integer >= 1, got {self.n_jobs}")
 
     def _block_size(self, P, d, n_total):
         if self.block_size is not None:
             return int(self.block_size)
         if torch.device(self.device).type != "cpu":
             return P
-        # about 4 MiB of activations per block fits the last-level cache
+        # about 6 MiB of activations per block stays in the last-level cache
+        # (measured on a 2-core EPYC VM: 4 SmolLM2 probes per block was fastest)
         per_probe = (d + 1) * n_total * (8 if self.dtype == "float64" else 4)
-        return max(1, min(P, (4 << 20) // per_probe))
+        return max(1, min(P, (6 << 20) // per_probe))
 
     def fit(self, X, y, X_val, y_val):
         """X (N, P, d) or (N, L, H, d) training activations; y (N,) labels; same for val."""
         self._check_params()
         X, grid = _check_activations(X, "X")
-        X_val, _ = _check_activations(X_val, "X_val", probe_shape=(*grid, X.shape[-1]))
+        X_val, _ = _check_activations(X_val, "X_val", X.shape[1], X.shape[2])
         y = _check_labels(y, X.shape[0], "y")
         y_val = _check_labels(y_val, X_val.shape[0], "y_val")
         dt = getattr(torch, self.dtype)
         dev = torch.device(self.device)
         N, P, d = X.shape
         n_total = N + X_val.shape[0]
-
-        # (P, d+1, N + N_val): train columns, then val columns; the last row is
-        # ones so the bias is one more weight. Built once, cast from float16 here.
-        XT = torch.empty(P, d + 1, n_total, dtype=dt, device=dev)
-        XT[:, :d, :N] = X.permute(1, 2, 0)
-        XT[:, :d, N:] = X_val.permute(1, 2, 0)
-        XT[:, d, :] = 1
         y = y.to(dev, dt)
         pos_val = y_val.to(dev).bool()
-
         weight, bias = init_weights(P, d, self.seed)
         theta0 = torch.cat([weight, bias.unsqueeze(1)], 1).to(dev, dt)  # (P, d+1)
 
-        best_theta = torch.empty_like(theta0)
-        best_epoch = torch.empty(P, dtype=torch.long)
-        best_loss = torch.empty(P, dtype=torch.float64)
         B = self._block_size(P, d, n_total)
-        for s in range(0, P, B):  # each block: one batched program over its probes
-            e = min(P, s + B)
-            th, ep, ls = self._train_block(XT[s:e], N, y, pos_val, theta0[s:e])
-            best_theta[s:e], best_epoch[s:e], best_loss[s:e] = th, ep, ls
 
-        self.coef_ = best_theta[:, :d].cpu()
-        self.intercept_ = best_theta[:, d].cpu()
+        def train(s):  # one block of probes s..e-1: one batched program
+            e = min(P, s + B)
+            # (B, d+1, N + N_val): train columns, then val columns, then a row
+            # of ones so the bias is one more weight; cast from float16 here
+            XT = torch.empty(e - s, d + 1, n_total, dtype=dt, device=dev)
+            XT[:, :d, :N] = X[:, s:e].permute(1, 2, 0)
+            XT[:, :d, N:] = X_val[:, s:e].permute(1, 2, 0)
+            XT[:, d, :] = 1
+            # a NaN or inf anywhere makes the sum non-finite; far cheaper than isfinite().all()
+            if not torch.isfinite(XT.sum()):
+                raise ValueError(f"X or X_val holds NaN/inf (or huge values) for probes {s}..{e - 1}; "
+                                 "check the activation cache")
+            return self._train_block(XT, N, y, pos_val, theta0[s:e])
+
+        starts = range(0, P, B)
+        if dev.type == "cpu":
+            n_jobs = self.n_jobs or torch.get_num_threads()
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(max_workers=min(n_jobs, len(starts))) as pool:
+                    results = list(pool.map(train, starts))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            results = [train(s) for s in starts]
+        best_theta, best_epoch, best_loss = (torch.cat(r) for r in zip(*results))
+
+        self.coef_ = best_theta[:, :d]
+        self.intercept_ = best_theta[:, d]
         self.best_epoch_ = best_epoch
         self.best_val_loss_ = best_loss
         self.n_features_in_ = d
@@ -345,65 +379,75 @@ class RiskAwareProbes:
         return self
 
     def _train_block(self, XT, N, y, pos_val, theta):
-        """Train the probes of one block; XT (B, d+1, N_total), theta (B, d+1)."""
+        """Train the probes of one block. XT (B, d+1, N_total), theta (B, d+1) initial.
+
+        Returns the kept parameters (B, d+1), their epoch (B,) and hard val loss (B,).
+        """
         B, d1, n_total = XT.shape
-        n1v = int(pos_val.sum())
-        n0v = pos_val.numel() - n1v
+        E = self.epochs
         bl, beta, lr = float(self.bl), float(self.beta), float(self.lr)
         coef = _row_coef(self.loss_type, y, bl)  # (N,)
-        XT_train_T = XT[:, :, :N].transpose(1, 2)  # (B, N, d+1) view, no copy
-        # val labels as two indicator columns: pred @ [neg, pos] counts FP and TP
+        XT_train_T = XT[:, :, :N].transpose(1, 2)  # (B, N, d+1), a view
+        # val labels as indicator columns: pred (B, N_val) @ [neg, pos] counts FP and TP
         val_ind = torch.stack([~pos_val, pos_val], 1).to(XT.dtype)  # (N_val, 2)
 
-        # every buffer allocated once
+        # every buffer allocated once; the loop below only writes into them
         theta = theta.clone()
-        m, v, denom = torch.zeros_like(theta), torch.zeros_like(theta), torch.empty_like(theta)
-        grad = torch.empty_like(theta)
-        z = torch.empty(B, 1, n_total, dtype=XT.dtype, device=XT.device)
-        p = torch.empty(B, n_total, dtype=XT.dtype, device=XT.device)
-        g = torch.empty(B, N, dtype=XT.dtype, device=XT.device)
-        tmp = torch.empty_like(g)
-        pred = torch.empty(B, n_total - N, dtype=XT.dtype, device=XT.device)
-        best_theta = theta.clone()
-        best_loss = torch.full((B,), math.inf, dtype=torch.float64, device=XT.device)
-        best_epoch = torch.zeros(B, dtype=torch.long, device=XT.device)
+        m, v, denom, grad = (torch.zeros_like(theta) for _ in range(4))
+        z = torch.empty(B, n_total, dtype=XT.dtype, device=XT.device)
+        g, tmp = torch.empty_like(z[:, :N]), torch.empty_like(z[:, :N])
+        pred = torch.empty_like(z[:, N:])
+        # per-epoch record of parameters and val counts: picking the checkpoint
+        # afterwards costs two ops per epoch instead of a dozen
+        theta_hist = torch.empty(E + 1, B, d1, dtype=XT.dtype, device=XT.device)
+        counts_hist = torch.zeros(E + 1, B, 2, dtype=XT.dtype, device=XT.device)
+        theta3, z3, g3, grad3 = theta.unsqueeze(1), z.unsqueeze(1), g.unsqueeze(1), grad.unsqueeze(1)
+        p_train, p_val = z[:, :N], z[:, N:]  # sigmoid is applied to z in place
 
-        # iteration t evaluates the parameters after t Adam steps (val part of z)
-        # and takes step t+1 from the same logits (train part of z)
-        for t in range(self.epochs + 1):
-            torch.bmm(theta.unsqueeze(1), XT, out=z)  # logits of all rows
-            torch.sigmoid(z.squeeze(1), out=p)
+        # iteration t: logits of the parameters after t Adam steps; the val part
+        # scores them (epoch t), the train part gives step t+1
+        for t in range(E + 1):
+            torch.bmm(theta3, XT, out=z3)
+            torch.sigmoid(z, out=z)
             if t > 0:
-                torch.gt(p[:, N:], 0.5, out=pred)
-                counts = (pred @ val_ind).double()  # (B, 2): FP, TP, exact integers
-                loss = _risk_from_counts(counts[:, 0], n1v - counts[:, 1], n0v, n1v, bl)
-                better = loss < best_loss  # strict: earliest best on ties
-                best_loss = torch.where(better, loss, best_loss)
-                best_epoch.masked_fill_(better, t)
-                torch.where(better.unsqueeze(1), theta, best_theta, out=best_theta)
-            if t == self.epochs:
+                torch.gt(p_val, 0.5, out=pred)
+                torch.mm(pred, val_ind, out=counts_hist[t])
+                theta_hist[t].copy_(theta)
+            if t == E:
                 break
             # hand-written gradient: dL/dz per row, then one bmm for all probes
-            _logit_grad(self.loss_type, p[:, :N], y, coef, g, tmp)
-            torch.bmm(g.unsqueeze(1), XT_train_T, out=grad.unsqueeze(1))
+            _logit_grad(self.loss_type, p_train, y, coef, g, tmp)
+            torch.bmm(g3, XT_train_T, out=grad3)
             if beta:
                 grad[:, :-1].add_(theta[:, :-1], alpha=2 * beta)
-            # Adam, in place, the same arithmetic as torch.optim.Adam
+            # Adam in place, the same arithmetic as torch.optim.Adam
             step = t + 1
             m.lerp_(grad, 1 - ADAM_BETA1)
             v.mul_(ADAM_BETA2).addcmul_(grad, grad, value=1 - ADAM_BETA2)
             torch.sqrt(v, out=denom)
             denom.div_(math.sqrt(1 - ADAM_BETA2 ** step)).add_(ADAM_EPS)
             theta.addcdiv_(m, denom, value=-lr / (1 - ADAM_BETA1 ** step))
-        return best_theta, best_epoch.cpu(), best_loss.cpu()
+
+        # hard val loss of every epoch 1..E from exact integer counts; the
+        # earliest epoch with the lowest loss wins (np.argmin returns the first)
+        counts = counts_hist[1:].double().cpu()  # (E, B, 2)
+        n1v = int(pos_val.sum())
+        n0v = pos_val.numel() - n1v
+        losses = _risk_from_counts(counts[..., 0], n1v - counts[..., 1], n0v, n1v, bl).numpy()
+        best = torch.from_numpy(np.argmin(losses, axis=0))  # (B,) index into epochs 1..E
+        rows = torch.arange(B)
+        return (theta_hist[1:][best.to(XT.device), rows.to(XT.device)].cpu(), best + 1,
+                torch.from_numpy(losses[best.numpy(), rows.numpy()]))
 
     def decision_function(self, X):
-        """Logits theta0 + theta . a: (N, P) or (N, L, H) like X."""
+        """Logits theta0 + theta . a: (N, P) for X (N, P, d), (N, L, H) for X (N, L, H, d)."""
         if not hasattr(self, "coef_"):
             raise ValueError("this RiskAwareProbes is not fitted yet; call fit first")
-        X, grid = _check_activations(X, "X", probe_shape=(*self.probe_shape_, self.n_features_in_))
-        w = self.coef_.to(torch.float32)
-        z = torch.einsum("npd,pd->np", X.to(torch.float32), w) + self.intercept_.to(torch.float32)
+        X, grid = _check_activations(X, "X", self.coef_.shape[0], self.n_features_in_)
+        # in the dtype the probes were trained in; float16 activations are cast here
+        z = torch.einsum("npd,pd->np", X.to(self.coef_.dtype), self.coef_) + self.intercept_
+        if not torch.isfinite(z).all():
+            raise ValueError("X holds NaN/inf (or huge values): the logits are not finite; check the activation cache")
         return z.reshape(X.shape[0], *grid)
 
     def predict_proba(self, X):
@@ -449,9 +493,14 @@ def _vote_sweep(votes, y, bl):
     votes = np.asarray(votes)
     if votes.ndim != 2:
         raise ValueError(f"votes must have shape (N, H), got {votes.shape}")
-    y = np.asarray(y).astype(bool).reshape(-1)
+    if not (bl >= 0 and math.isfinite(bl)):
+        raise ValueError(f"bl must be a finite number >= 0 (weight of FNR), got {bl}")
+    y = np.asarray(y).reshape(-1)
     if y.shape[0] != votes.shape[0]:
         raise ValueError(f"y must have {votes.shape[0]} labels to match votes, got {y.shape[0]}")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("y must be binary: 0 = desirable, 1 = undesirable")
+    y = y.astype(bool)
     n1 = int(y.sum())
     n0 = y.shape[0] - n1
     if n1 == 0 or n0 == 0:
@@ -502,7 +551,7 @@ def evaluate_layers(probes, X_val, y_val, bl=1.0):
 
 
 def choose_layer(rows, criterion="val_loss"):
-    """Index of the layer minimising the criterion (first on ties).
+    """The layer (its "layer" entry) whose row minimises the criterion; the first on ties.
 
     criterion: "val_loss" (FPR + bl*FNR at the chosen tau), "fnr", "fpr", "1-acc" or "1-f1".
     """
@@ -511,7 +560,8 @@ def choose_layer(rows, criterion="val_loss"):
     if not rows:
         raise ValueError("rows is empty; run evaluate_layers first")
     key = {"1-acc": lambda r: 1 - r["acc"], "1-f1": lambda r: 1 - r["f1"]}.get(criterion, lambda r: r[criterion])
-    return int(np.argmin([key(r) for r in rows]))
+    best = int(np.argmin([key(r) for r in rows]))
+    return int(rows[best].get("layer", best))
 
 
 # -----------------------------------------------------------------------------
@@ -535,7 +585,8 @@ def save_probes(path, weight, bias, tau, meta=None):
         meta_json = json.dumps(meta or {})
     except TypeError as e:
         raise ValueError(f"meta must be JSON-serialisable (plain numbers, strings, lists, dicts): {e}") from None
-    tmp = f"{path}.tmp{os.getpid()}"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
     try:
         save_file({"weight": weight, "bias": bias, "tau": tau}, tmp, metadata={"meta": meta_json})
         os.replace(tmp, path)
