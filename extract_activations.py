@@ -15,7 +15,7 @@ def main():
     args = parser.parse_args()
     df, _ = su.questions_and_splits(args)
     data = su.probe_data(args, None, df)
-    manifest = Path(args.out_dir) / "features" / f"{su.model_tag(args)}_{args.dataset_name}_head_wise.json"
+    manifest = Path(args.out_dir) / "features" / f"{su.model_tag(args)}_{su.data_tag(args)}_head_wise.json"
     info = json.loads(manifest.read_text())
     print(f"{args.dataset_name}: {data.activations.shape[0]} texts x {data.activations.shape[1]} layers x "
           f"{data.activations.shape[2]} heads x {data.activations.shape[3]} dims, float16, in {manifest.parent} "

@@ -39,6 +39,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tqa_dir", default=None, help="folder holding TruthfulQA.csv (else SLIM_TQA_DIR, "
                                                         "cache, download)")
     parser.add_argument("--out_dir", default=str(VALIDATION_DIR), help="where outputs go")
+    parser.add_argument("--n_questions", type=int, default=None,
+                        help="use only the first N TruthfulQA questions for everything (quick runs; pair it "
+                             "with its own --out_dir)")
     return parser
 
 
@@ -72,6 +75,12 @@ def model_tag(args) -> str:
     return Path(name).name if args.model_dir else name.replace("/", "_")
 
 
+def data_tag(args, dataset_name: str | None = None) -> str:
+    """The probe dataset's name in cache files; a question subset gets its own files."""
+    name = dataset_name or args.dataset_name
+    return f"{name}_first{args.n_questions}" if args.n_questions else name
+
+
 def load_model_from_args(args) -> LoadedModel:
     return load_model(args.model_name, device=args.device, model_dir=args.model_dir)
 
@@ -86,6 +95,10 @@ class ProbeData:
 def questions_and_splits(args) -> tuple[pd.DataFrame, list[dict[str, np.ndarray]]]:
     """The questions and, per fold, the train/val/test question indices (also saved as CSV)."""
     df = load_truthfulqa(args.tqa_dir)
+    if args.n_questions is not None:
+        if not 2 * args.num_fold <= args.n_questions <= len(df):
+            raise ValueError(f"--n_questions must lie in {2 * args.num_fold}..{len(df)}, got {args.n_questions}.")
+        df = df.iloc[:args.n_questions].copy()
     save_fold_splits(df, Path(args.out_dir) / "splits", args.num_fold, args.val_ratio, args.seed)
     folds = []
     for fold in range(args.num_fold):
@@ -99,11 +112,11 @@ def probe_data(args, lm: LoadedModel | None, df: pd.DataFrame, dataset_name: str
     dataset_name = dataset_name or args.dataset_name
     texts = probe_texts(df, dataset_name)
     cache_dir = Path(args.out_dir) / "features"
-    acts = load_cached_activations(texts["text"].tolist(), cache_dir, model_tag(args), dataset_name)
+    acts = load_cached_activations(texts["text"].tolist(), cache_dir, model_tag(args), data_tag(args, dataset_name))
     if acts is None:
         lm = lm or load_model_from_args(args)
         acts = cached_head_activations(lm.model, lm.tokenizer, texts["text"].tolist(), cache_dir=cache_dir,
-                                       model_name=model_tag(args), dataset_name=dataset_name,
+                                       model_name=model_tag(args), dataset_name=data_tag(args, dataset_name),
                                        batch_size=args.batch_size, device=lm.device)
     return ProbeData(texts=texts, activations=acts)
 
@@ -153,11 +166,11 @@ def stage1(args, data: ProbeData, folds: list[dict], cfg) -> dict:
 
     device = resolve_device(args.device)
     device = "cpu" if device == "auto" else device
-    features_id = f"{model_tag(args)}/{args.dataset_name}/{texts_digest(data.texts['text'].tolist())}"
+    features_id = f"{model_tag(args)}/{data_tag(args)}/{texts_digest(data.texts['text'].tolist())}"
     labels = data.texts["label"].to_numpy()
     out = {}
     for fold, split in enumerate(folds):
-        path = Path(args.out_dir) / "probes" / model_tag(args) / f"fold{fold}_{args.dataset_name}_{cfg.tag()}.safetensors"
+        path = Path(args.out_dir) / "probes" / model_tag(args) / f"fold{fold}_{data_tag(args)}_{cfg.tag()}.safetensors"
         out[fold] = train_fold_probes(data.activations, labels, rows_of(data.texts, split["train"]),
                                       rows_of(data.texts, split["val"]), cfg, path, features_id, device=device)
     return out

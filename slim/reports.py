@@ -27,7 +27,7 @@ def plot_fnr_fpr(metrics: pd.DataFrame, model_name: str, bl: float, path: str | 
         ax.plot(part["layer"], part["fpr"], marker="s", ms=3, ls="--", label=f"FPR, fold {fold}")
     ax.set_xlabel("layer")
     ax.set_ylabel("rate on validation questions")
-    ax.set_title(f"{model_name}: layer detectors (risk-aware probes, bl = {bl:g}, tau chosen on val)")
+    ax.set_title(f"{model_name}: layer detectors (risk-aware probes, bl = {bl:g}, tau chosen on val)", fontsize=10)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
@@ -49,7 +49,7 @@ def plot_fnr_by_bl(metrics: pd.DataFrame, model_name: str, path: str | os.PathLi
     ax.set_xlabel("layer")
     ax.set_ylabel("FNR on validation questions")
     n_folds = metrics["fold"].nunique()
-    ax.set_title(f"{model_name}: FNR of the layer detector by bl (mean of {n_folds} folds)")
+    ax.set_title(f"{model_name}: FNR of the layer detector by bl (mean of {n_folds} folds)", fontsize=10)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=3)
@@ -69,3 +69,56 @@ def markdown_table(df: pd.DataFrame, columns: list[str], floatfmt: str = "{:.3f}
         cells = [floatfmt.format(v) if isinstance(v, float) else str(v) for v in (row[c] for c in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def comparison_table(summaries: list[str | os.PathLike]) -> pd.DataFrame:
+    """One row per method: the fold-mean row of each summary JSON."""
+    import json
+
+    rows = []
+    for path in summaries:
+        data = json.loads(Path(path).read_text())
+        mean = [r for r in data if r.get("fold") == "mean"]
+        if not mean:
+            raise ValueError(f"{path} has no fold-mean row: pass summaries written by the scripts.")
+        r = mean[0]
+        knobs = {"slim": "kappa", "iti": "alpha", "mimic": "strength"}
+        knob = knobs.get(r["method"])
+        setting = f"{knob} = {r[knob]:g}" if knob in r else "-"
+        folds = len([x for x in data if x.get("fold") != "mean"])
+        rows.append({"method": r["method"], "setting": setting, "folds": folds,
+                     "questions": int(round(r["n_questions"] * folds)), "True*Info": r["true_info"],
+                     "True %": r["true"], "Info %": r["info"], "SEM": r["sem"], "degenerate": r["degeneracy"],
+                     "MC1": r.get("mc1", float("nan")), "MC2": r.get("mc2", float("nan"))})
+    return pd.DataFrame(rows)
+
+
+def main(argv=None):
+    import argparse
+    import datetime
+
+    parser = argparse.ArgumentParser(description="Comparison table (Markdown) from summary JSON files.")
+    parser.add_argument("summaries", nargs="+")
+    parser.add_argument("--title", default="Comparison")
+    parser.add_argument("--command", default=None, help="the command that produced the summaries (recorded)")
+    parser.add_argument("--out", default=None, help="write the Markdown here too")
+    args = parser.parse_args(argv)
+    table = comparison_table(args.summaries)
+    cols = ["method", "setting", "folds", "questions", "True*Info", "True %", "Info %", "SEM", "degenerate"]
+    if table[["MC1", "MC2"]].notna().any().any():
+        cols += ["MC1", "MC2"]
+    fmt_table = table.copy()
+    for c in ("True*Info", "True %", "Info %"):
+        fmt_table[c] = fmt_table[c].map(lambda v: f"{v:.1f}")
+    text = f"### {args.title}\n\n" + markdown_table(fmt_table, cols)
+    stamp = datetime.date.today().isoformat()
+    text += f"\nProduced {stamp}" + (f" by `{args.command}`" if args.command else "") + ".\n"
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return table
+
+
+if __name__ == "__main__":
+    main()
