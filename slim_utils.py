@@ -229,10 +229,12 @@ def run_method(args, lm: LoadedModel, df: pd.DataFrame, folds: list[dict], metho
         rows.append(row)
         print(format_row(row), flush=True)
     mean = fold_average(rows)
-    summary = Path(args.out_dir) / "summary" / f"{tag}_{name}_{args.use_mode}{quick}"
-    write_summary(rows + [mean], summary.with_suffix(".csv"), summary.with_suffix(".json"))
+    stem = Path(args.out_dir) / "summary" / f"{tag}_{name}_{args.use_mode}{quick}"
+    # names carry numbers such as gamma0.1, so the extension is appended, not swapped in
+    summary_csv, summary_json = Path(f"{stem}.csv"), Path(f"{stem}.json")
+    write_summary(rows + [mean], summary_csv, summary_json)
     print(format_row(mean), flush=True)
-    print(f"summary: {summary.with_suffix('.csv')}")
+    print(f"summary: {summary_csv}")
     return rows, mean
 
 
