@@ -14,7 +14,8 @@ import argparse
 from pathlib import Path
 
 import slim_utils as su
-from slim.pipeline import ProbeConfig, chosen_layers, layer_table, write_json_atomic
+from slim.io import write_json
+from slim.pipeline import ProbeConfig, chosen_layers, layer_table
 from slim.reports import plot_fnr_by_bl, plot_fnr_fpr
 
 
@@ -40,7 +41,7 @@ def main():
     tag = su.model_tag(args)
     out = Path(args.out_dir)
     su.write_table(table, out / f"{tag}_layer_metrics_{cfg.tag()}.csv")
-    write_json_atomic(out / f"{tag}_chosen_layer_{cfg.tag()}.json",
+    write_json(out / f"{tag}_chosen_layer_{cfg.tag()}.json",
                       {"model": tag, "criterion": args.criterion, "probe_settings": cfg.tag(),
                        "chosen_layer": {str(k): v for k, v in layers.items()}})
     for fold, layer in layers.items():

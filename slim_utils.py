@@ -127,9 +127,9 @@ def rows_of(texts: pd.DataFrame, question_idx: np.ndarray) -> np.ndarray:
 
 
 def write_table(df: pd.DataFrame, path: Path) -> Path:
-    from slim.data import write_csv_atomic
+    from slim.io import write_csv
 
-    return write_csv_atomic(df, path)
+    return write_csv(df, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .io import write_json
 from .heads import HeadTrace, left_padded_positions
 from .models import model_shape
 
@@ -53,13 +53,6 @@ def texts_digest(texts: list[str]) -> str:
         digest.update(t.encode("utf-8"))
         digest.update(b"\0")
     return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _paths(cache_dir: Path, model_name: str, dataset_name: str) -> tuple[Path, Path]:
@@ -140,7 +133,7 @@ def _fill_cache(model, tokenizer, texts, array_path, manifest_path, model_name, 
                 return np.load(array_path, mmap_mode="r")
     if done == 0:
         array = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=tuple(manifest["shape"]))
-        _write_json_atomic(manifest_path, {**manifest, "rows_done": 0})
+        write_json(manifest_path, {**manifest, "rows_done": 0})
     else:
         array = np.load(array_path, mmap_mode="r+")
     with tqdm(total=len(texts), initial=done, desc=f"activations {dataset_name}", disable=not progress,
@@ -152,7 +145,7 @@ def _fill_cache(model, tokenizer, texts, array_path, manifest_path, model_name, 
             array[rows] = acts.astype(np.float16)  # back in the texts' own order
             array.flush()  # the rows are on disk before the manifest says so
             seconds += time.perf_counter() - t0
-            _write_json_atomic(manifest_path, {**manifest, "rows_done": start + len(rows), "seconds": seconds})
+            write_json(manifest_path, {**manifest, "rows_done": start + len(rows), "seconds": seconds})
             bar.update(len(rows))
     del array
     return np.load(array_path, mmap_mode="r")

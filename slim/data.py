@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .io import write_csv
 from .models import cache_root
 
 # File name in the cache -> (path in the public repository, sha256).
@@ -162,20 +163,6 @@ def fold_split(n_questions: int, num_fold: int, fold: int, val_ratio: float = 0.
     return train, val, test
 
 
-def write_csv_atomic(df: pd.DataFrame, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def save_fold_splits(df: pd.DataFrame, out_dir: Path, num_fold: int, val_ratio: float = 0.2,
                      seed: int = 42) -> dict[int, dict[str, Path]]:
     """Write `fold_{k}_{train,val,test}_seed_{seed}.csv` so every stage and method uses the same questions."""
@@ -189,5 +176,5 @@ def save_fold_splits(df: pd.DataFrame, out_dir: Path, num_fold: int, val_ratio: 
             part.insert(0, "question_idx", rows)
             for key in ("Correct Answers", "Incorrect Answers"):
                 part[key] = part[key].map("; ".join)
-            written[fold][split] = write_csv_atomic(part, out_dir / f"fold_{fold}_{split}_seed_{seed}.csv")
+            written[fold][split] = write_csv(part, out_dir / f"fold_{fold}_{split}_seed_{seed}.csv")
     return written

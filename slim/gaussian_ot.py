@@ -45,6 +45,8 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import norm
 
+from .io import atomic_path
+
 # -----------------------------------------------------------------------------
 # input checks (one-line ValueErrors; other modules rely on the messages)
 
@@ -441,14 +443,8 @@ def save_layer_maps(path, A, b, infos, meta):
         raise ValueError(f"inconsistent shapes: A {A.shape}, b {b.shape}, {len(infos)} infos")
     metadata = {"infos": json.dumps(list(infos), default=_json_default),
                 "meta": json.dumps(dict(meta), default=_json_default)}
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:  # a crash mid-write must not leave a truncated file under the real name
+    with atomic_path(path) as tmp:  # a crash mid-write leaves no truncated file under the real name
         save_file({"A": A, "b": b}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_layer_maps(path):

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .heads import HeadTrace
+from .io import atomic_dir
 from .models import model_shape
 
 PSI = ("identity", "softmax")
@@ -76,20 +75,12 @@ class Policy:
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-        try:
+        with atomic_dir(folder) as tmp:
             tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in self.tensor_names}
             save_file(tensors, tmp / "tensors.safetensors")
             (tmp / "policy.json").write_text(json.dumps(
                 {"kind": self.kind, "params": self.params(), "fingerprint": self.fingerprint,
                  "meta": self.meta}, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     @staticmethod

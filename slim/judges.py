@@ -24,13 +24,14 @@ import logging
 import os
 import random
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from .io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +64,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SLIM_CACHE", Path.home() / ".cache" / "slim")) / "judges"
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+def _write_atomic(path: Path, write) -> Path:
+    """Write through a temporary file in the same folder, then rename (slim.io.atomic_path)."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return Path(path)
 
 
 class Judge:

@@ -17,15 +17,15 @@ import inspect
 import json
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Callable, ContextManager, NamedTuple, Sequence
 
 import numpy as np
+
+from .io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -447,18 +447,11 @@ def summary_row(method: str, params: dict, fold, split: str, **metrics) -> dict:
     return row
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+def _write_atomic(path: Path, write) -> Path:
+    """Write through a temporary file in the same folder, then rename (slim.io.atomic_path)."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return Path(path)
 
 
 def write_summary(rows: Sequence[dict], csv_path=None, json_path=None) -> None:

@@ -8,9 +8,6 @@ comparison is fair: same questions, prompt, decoding, judges and metrics.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,18 +15,8 @@ import numpy as np
 import pandas as pd
 
 from .activations import texts_digest
-from .data import write_csv_atomic
+from .io import write_csv
 from .probes import RiskAwareProbes, choose_layer, evaluate_layers, load_probes, save_probes
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=lambda x: x.item() if hasattr(x, "item") else str(x))
-    os.replace(tmp, path)
-    return path
 
 
 def fmt(x: float) -> str:
@@ -149,7 +136,7 @@ def evaluate(lm, questions: pd.DataFrame, edit, method: str, params: dict, fold:
     refs = by_idx.loc[answers["question_idx"]]
     _, sem = sem_scores(scorers.embedder, ans, refs["Correct Answers"].tolist(), refs["Incorrect Answers"].tolist())
     answers = answers.assign(truth_score=truth, info_score=info)
-    write_csv_atomic(answers, answers_csv.with_name(answers_csv.stem + "_scored.csv"))
+    write_csv(answers, answers_csv.with_name(answers_csv.stem + "_scored.csv"))
     metrics = {**true_info(truth > 0.5, info > 0.5), "sem": sem, "degeneracy": degeneracy_rate(ans),
                "n_questions": len(answers)}
     if mc:

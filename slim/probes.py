@@ -23,13 +23,13 @@ with the best detector is the one stage 2 edits.
 
 import json
 import math
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from .io import atomic_path
 
 LOSS_TYPES = ("risk", "cross_entropy", "l2")
 LAYER_CRITERIA = ("val_loss", "fnr", "fpr", "1-acc", "1-f1")
@@ -585,14 +585,8 @@ def save_probes(path, weight, bias, tau, meta=None):
         meta_json = json.dumps(meta or {})
     except TypeError as e:
         raise ValueError(f"meta must be JSON-serialisable (plain numbers, strings, lists, dicts): {e}") from None
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({"weight": weight, "bias": bias, "tau": tau}, tmp, metadata={"meta": meta_json})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_probes(path):

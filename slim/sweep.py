@@ -56,11 +56,11 @@ def main(argv=None):
     print(f"best {args.param}: {best.get(args.param)} (criterion {args.criterion}, ties by SEM, "
           f"degeneracy <= {args.max_degeneracy})")
     if args.out_dir:
-        from .pipeline import write_json_atomic
+        from .io import write_json
 
         out = Path(args.out_dir) / f"{best['model']}_best_{args.method}.json"
         print(f"written to {out}")
-        write_json_atomic(out, {"param": args.param, "value": best.get(args.param), "criterion": args.criterion,
+        write_json(out, {"param": args.param, "value": best.get(args.param), "criterion": args.criterion,
                                      "max_degeneracy": args.max_degeneracy, "row": best,
                                      "candidates": rows})
     return best

@@ -3,7 +3,6 @@
 import contextlib
 
 import pandas as pd
-import torch
 
 from conftest import tiny_model
 from slim.generation import QA_PRIMER, answer_questions, extract_answer, generate_greedy, qa_prompt
