@@ -14,11 +14,12 @@ cd "$(dirname "$0")"
 MODEL=${MODEL:-smollm2_135M}
 NUM_FOLD=${NUM_FOLD:-2}
 if [ -n "${FULL:-}" ]; then
-  OUT_DIR=${OUT_DIR:-validation}; subset=(); scored=(); mode=full
+  OUT_DIR=${OUT_DIR:-validation}; subset=(); mode=full
+  scored=(); [ -n "${MAX_QUESTIONS:-}" ] && scored=(--max_questions "$MAX_QUESTIONS") && mode="full data, first $MAX_QUESTIONS test questions per fold"
   KAPPAS=${KAPPAS:-"0 10 20 40 80"}; ALPHAS=${ALPHAS:-"0 2 5 10 15"}; SWEEP_Q=${SWEEP_Q:-}
 else
   OUT_DIR=${OUT_DIR:-validation/quick}; subset=(--n_questions "${N_QUESTIONS:-300}")
-  scored=(--max_questions "${MAX_QUESTIONS:-60}"); mode=quick
+  scored=(--max_questions "${MAX_QUESTIONS:-60}"); mode="quick: first ${N_QUESTIONS:-300} questions, ${MAX_QUESTIONS:-60} scored per fold"
   KAPPAS=${KAPPAS:-"0 10 20 40"}; ALPHAS=${ALPHAS:-"0 5 15"}; SWEEP_Q=${SWEEP_Q:-}
 fi
 NUM_HEADS=${NUM_HEADS:-24}  # ITI's K: the paper's 48 of 1,024 heads is about 5 %; 24 of SmolLM2's 270 is 9 %
@@ -43,6 +44,10 @@ python ot_edit_layer.py "$MODEL" --bl 1.0 --alpha 0.1 --kappa best --mimic --use
 rows+=("$(sed -n 's/^summary: \(.*_slim_.*\)\.csv$/\1.json/p' "$log" | tail -n 1)")
 rows+=("$(sed -n 's/^summary: \(.*_mimic_.*\)\.csv$/\1.json/p' "$log" | tail -n 1)")
 
-python -m slim.reports "${rows[@]}" --out "paper/table1_${MODEL//\//_}_${mode}.md" \
-  --title "$MODEL, $NUM_FOLD folds ($mode run; offline judges unless named), test questions" \
-  --command "$(printf '%q ' bash run_pipeline.sh "$@")"
+settings=""
+for v in FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS NUM_HEADS; do
+  [ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "
+done
+python -m slim.reports "${rows[@]}" --out "paper/table1_${MODEL//\//_}_$([ -n "${FULL:-}" ] && echo full || echo quick).md" \
+  --title "$MODEL, $NUM_FOLD folds, test questions ($mode; judges: ${JUDGES:-offline unless named})" \
+  --command "${settings}$(printf '%q ' bash run_pipeline.sh "$@")"
