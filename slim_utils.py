@@ -191,6 +191,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="sentence embedder for SEM (paper: mixedbread-ai/mxbai-embed-large-v1)")
     parser.add_argument("--max_questions", type=int, default=None,
                         help="quick mode: only the first N questions of each fold's split")
+    parser.add_argument("--fold", type=int, default=None, help="score only this fold (default: every fold)")
     parser.add_argument("--max_new_tokens", type=int, default=50)
     parser.add_argument("--mc", action="store_true", help="also compute MC1/MC2 (slow on a CPU)")
     return parser
@@ -214,13 +215,18 @@ def run_method(args, lm: LoadedModel, df: pd.DataFrame, folds: list[dict], metho
 
     if args.max_questions is not None and args.max_questions < 1:
         raise ValueError(f"--max_questions must be at least 1, got {args.max_questions}.")
+    if args.fold is not None and not 0 <= args.fold < len(folds):
+        raise ValueError(f"--fold must lie in 0..{len(folds) - 1}, got {args.fold}.")
     scorers = scorers or load_scorers(args.judge_name, args.info_name, args.embedder, args.tqa_dir)
     tag = model_tag(args)
     ptag = "_".join(f"{k}{fmt(v) if isinstance(v, float) else v}" for k, v in params.items())
     name = f"{method}_{ptag}" if ptag else method
     quick = f"_first{args.max_questions}" if args.max_questions else ""
+    only = f"_fold{args.fold}only" if args.fold is not None else ""  # the summary's name; answers are per fold anyway
     rows = []
     for fold, split in enumerate(folds):
+        if args.fold is not None and fold != args.fold:
+            continue
         questions = split_questions(df, split[args.use_mode], args.max_questions)
         answers_csv = Path(args.out_dir) / "answers" / tag / f"{name}_fold{fold}_{args.use_mode}{quick}.csv"
         row = evaluate(lm, questions, edit_for_fold(fold), method, params, fold, args.use_mode, answers_csv,
@@ -229,7 +235,7 @@ def run_method(args, lm: LoadedModel, df: pd.DataFrame, folds: list[dict], metho
         rows.append(row)
         print(format_row(row), flush=True)
     mean = fold_average(rows)
-    stem = Path(args.out_dir) / "summary" / f"{tag}_{name}_{args.use_mode}{quick}"
+    stem = Path(args.out_dir) / "summary" / f"{tag}_{name}_{args.use_mode}{quick}{only}"
     # names carry numbers such as gamma0.1, so the extension is appended, not swapped in
     summary_csv, summary_json = Path(f"{stem}.csv"), Path(f"{stem}.json")
     write_summary(rows + [mean], summary_csv, summary_json)

@@ -67,8 +67,10 @@ def test_three_commands_and_sweep(work):
     res = run(["validate_2fold.py", "llama_7B", *common(root, model_dir), "--num_heads", "4", "--alpha", "15",
                "--use_center_of_mass", *eval_flags(model_dir)], root)
     assert "iti" in res.stdout and list((out / "summary").glob("tiny_llama_iti_*_test_first3.csv"))
-    run(["validate_2fold.py", "llama_7B", *common(root, model_dir), "--alpha", "0", *eval_flags(model_dir)], root)
-    assert list((out / "summary").glob("tiny_llama_baseline_test_first3.csv"))
+    run(["validate_2fold.py", "llama_7B", *common(root, model_dir), "--alpha", "0", "--fold", "1",
+         *eval_flags(model_dir)], root)
+    rows = json.loads((out / "summary" / "tiny_llama_baseline_test_first3_fold1only.json").read_text())
+    assert [r["fold"] for r in rows] == [1, "mean"] and rows[0]["method"] == "baseline"
 
     env = {"KAPPAS": "0 5", "MAX_QUESTIONS": "2", "OUT_DIR": str(out), "MODEL": "llama_7B"}
     proc = subprocess.run(["bash", "sweep.sh", "--model_dir", str(model_dir), "--device", "cpu", "--epochs", "5",
