@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import slim_utils as su
-from slim.interventions import Policy, fit_iti, model_fingerprint
-from slim.pipeline import fmt
+from slim.interventions import ITIPolicy, Policy, fit_iti, model_fingerprint
 
 
 def main():
@@ -56,20 +55,24 @@ def main():
     fingerprint = model_fingerprint(lm.model)
     policies = {}
     for fold, split in enumerate(folds):
+        # the fitted heads, directions and sigmas do not depend on alpha: fit once, rescale per run
         folder = (Path(args.out_dir) / "policies" / tag /
-                  f"iti_fold{fold}_{kind}_heads{args.num_heads}_alpha{fmt(args.alpha)}_{args.tuning_dataset}")
+                  f"iti_fold{fold}_{kind}_heads{args.num_heads}_{args.tuning_dataset}")
         if (folder / "policy.json").exists():
-            policies[fold] = Policy.load(folder)
-            continue
-        train = su.rows_of(data.texts, split["train"])
-        val = su.rows_of(data.texts, split["val"])
-        tuning_acts = None
-        if tuning is not None:
-            tuning_acts = tuning.activations[np.sort(su.rows_of(tuning.texts, np.concatenate([split["train"], split["val"]])))]
-        policies[fold] = fit_iti(data.activations, data.texts["truthful"].to_numpy(), train, val, args.num_heads,
-                                 args.alpha, direction=kind, tuning_acts=tuning_acts, fingerprint=fingerprint)
-        policies[fold].save(folder)
-        print(f"fold {fold}: ITI heads (layer, head) {policies[fold].heads[:8].tolist()} ... saved to {folder}")
+            fitted = Policy.load(folder)
+        else:
+            train = su.rows_of(data.texts, split["train"])
+            val = su.rows_of(data.texts, split["val"])
+            tuning_acts = None
+            if tuning is not None:
+                fit_rows = su.rows_of(tuning.texts, np.concatenate([split["train"], split["val"]]))
+                tuning_acts = tuning.activations[np.sort(fit_rows)]
+            fitted = fit_iti(data.activations, data.texts["truthful"].to_numpy(), train, val, args.num_heads,
+                             1.0, direction=kind, tuning_acts=tuning_acts, fingerprint=fingerprint)
+            fitted.save(folder)
+            print(f"fold {fold}: ITI heads (layer, head) {fitted.heads[:8].tolist()} ... saved to {folder}")
+        policies[fold] = ITIPolicy(fitted.heads, fitted.directions, fitted.sigmas, alpha=args.alpha,
+                                   fingerprint=fitted.fingerprint, meta=fitted.meta)
     params = {"alpha": args.alpha, "heads": args.num_heads, "dir": kind}
     su.run_method(args, lm, df, folds, "iti", params, lambda fold: policies[fold])
 
