@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 import slim_utils as su
-from slim.io import write_json
+from slim.io import write_csv, write_json
 from slim.pipeline import ProbeConfig, chosen_layers, layer_table
 from slim.reports import plot_fnr_by_bl, plot_fnr_fpr
 
@@ -40,7 +40,7 @@ def main():
 
     tag = su.model_tag(args)
     out = Path(args.out_dir)
-    su.write_table(table, out / f"{tag}_layer_metrics_{cfg.tag()}.csv")
+    write_csv(table, out / f"{tag}_layer_metrics_{cfg.tag()}.csv")
     write_json(out / f"{tag}_chosen_layer_{cfg.tag()}.json",
                       {"model": tag, "criterion": args.criterion, "probe_settings": cfg.tag(),
                        "chosen_layer": {str(k): v for k, v in layers.items()}})
@@ -60,7 +60,7 @@ def main():
                 tables.append(layer_table(su.stage1(args, data, folds, cfg_bl), cfg_bl))
             import pandas as pd
             sweep = pd.concat(tables, ignore_index=True)
-            su.write_table(sweep, out / f"{tag}_layer_metrics_bl_sweep.csv")
+            write_csv(sweep, out / f"{tag}_layer_metrics_bl_sweep.csv")
             fig_b = plot_fnr_by_bl(sweep, name, Path(args.paper_dir) / f"figure1b_{tag}_fnr_by_bl.png")
             print(f"Figure 1(b): {fig_b}")
 

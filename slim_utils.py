@@ -126,12 +126,6 @@ def rows_of(texts: pd.DataFrame, question_idx: np.ndarray) -> np.ndarray:
     return np.flatnonzero(texts["question_idx"].isin(set(question_idx.tolist())).to_numpy())
 
 
-def write_table(df: pd.DataFrame, path: Path) -> Path:
-    from slim.io import write_csv
-
-    return write_csv(df, path)
-
-
 # ---------------------------------------------------------------------------------------------
 # stage 1 glue
 
