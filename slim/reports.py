@@ -17,6 +17,21 @@ def _pyplot():
     return plt
 
 
+def _finish_layer_plot(fig, ax, ylabel: str, title: str, ncol: int, path) -> Path:
+    """Shared styling of the per-layer figures, then save (PNG) and close."""
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=ncol)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    return path
+
+
 def plot_fnr_fpr(metrics: pd.DataFrame, model_name: str, bl: float, path: str | os.PathLike) -> Path:
     """Figure 1(a): FNR and FPR of the layer detector (at its chosen tau) across layers, per fold."""
     plt = _pyplot()
@@ -25,18 +40,11 @@ def plot_fnr_fpr(metrics: pd.DataFrame, model_name: str, bl: float, path: str | 
         part = part.sort_values("layer")
         ax.plot(part["layer"], part["fnr"], marker="o", ms=3, label=f"FNR, fold {fold}")
         ax.plot(part["layer"], part["fpr"], marker="s", ms=3, ls="--", label=f"FPR, fold {fold}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("rate on validation questions")
-    ax.set_title(f"{model_name}: layer detectors (risk-aware probes, bl = {bl:g}, tau chosen on val)", fontsize=10)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    out = _finish_layer_plot(fig, ax, "rate on validation questions",
+                             f"{model_name}: layer detectors (risk-aware probes, bl = {bl:g}, tau chosen on val)",
+                             2, path)
     plt.close(fig)
-    return path
+    return out
 
 
 def plot_fnr_by_bl(metrics: pd.DataFrame, model_name: str, path: str | os.PathLike) -> Path:
@@ -46,19 +54,11 @@ def plot_fnr_by_bl(metrics: pd.DataFrame, model_name: str, path: str | os.PathLi
     mean = metrics.groupby(["bl", "layer"], as_index=False)["fnr"].mean()
     for bl, part in mean.groupby("bl"):
         ax.plot(part["layer"], part["fnr"], marker="o", ms=3, label=f"bl = {bl:g}")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("FNR on validation questions")
     n_folds = metrics["fold"].nunique()
-    ax.set_title(f"{model_name}: FNR of the layer detector by bl (mean of {n_folds} folds)", fontsize=10)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    out = _finish_layer_plot(fig, ax, "FNR on validation questions",
+                             f"{model_name}: FNR of the layer detector by bl (mean of {n_folds} folds)", 3, path)
     plt.close(fig)
-    return path
+    return out
 
 
 def markdown_table(df: pd.DataFrame, columns: list[str], floatfmt: str = "{:.3f}") -> str:
