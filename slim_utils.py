@@ -188,6 +188,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fold", type=int, default=None, help="score only this fold (default: every fold)")
     parser.add_argument("--max_new_tokens", type=int, default=50)
     parser.add_argument("--mc", action="store_true", help="also compute MC1/MC2 (slow on a CPU)")
+    parser.add_argument("--ce_kl", action="store_true",
+                        help="also compute CE loss and KL to the unintervened model on a text corpus "
+                             "(openwebtext-10k when online, else TruthfulQA's best answers)")
     return parser
 
 
@@ -224,7 +227,8 @@ def run_method(args, lm: LoadedModel, df: pd.DataFrame, folds: list[dict], metho
         questions = split_questions(df, split[args.use_mode], args.max_questions)
         answers_csv = Path(args.out_dir) / "answers" / tag / f"{name}_fold{fold}_{args.use_mode}{quick}.csv"
         row = evaluate(lm, questions, edit_for_fold(fold), method, params, fold, args.use_mode, answers_csv,
-                       scorers, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mc=args.mc)
+                       scorers, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, mc=args.mc,
+                       ce_kl=args.ce_kl, tqa_dir=args.tqa_dir)
         row["model"] = tag
         rows.append(row)
         print(format_row(row), flush=True)

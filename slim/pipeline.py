@@ -121,7 +121,7 @@ def load_scorers(judge_name: str, info_name: str, embedder_name: str, tqa_dir=No
 
 def evaluate(lm, questions: pd.DataFrame, edit, method: str, params: dict, fold: int, split: str,
              answers_csv: Path, scorers: Scorers, batch_size: int = 16, max_new_tokens: int = 50,
-             mc: bool = False) -> dict:
+             mc: bool = False, ce_kl: bool = False, tqa_dir=None) -> dict:
     """Answer `questions` with `edit` active, then score the answers: one summary row."""
     from .generation import answer_questions
     from .metrics import degeneracy_rate, mc_scores, sem_scores, summary_row, true_info
@@ -141,6 +141,12 @@ def evaluate(lm, questions: pd.DataFrame, edit, method: str, params: dict, fold:
                "n_questions": len(answers)}
     if mc:
         metrics.update(mc_scores(lm.model, lm.tokenizer, questions, edit=edit))
+    if ce_kl:  # the unintervened model gets its CE and a KL of 0
+        from .metrics import ce_and_kl, load_text_corpus
+
+        texts, corpus = load_text_corpus(tqa_dir=tqa_dir)
+        result = ce_and_kl(lm.model, lm.tokenizer, texts, edit=edit)
+        metrics.update(ce=float(result.ce), kl=float(result.kl), ce_kl_corpus=corpus)
     return summary_row(method, {**params, "judge": scorers.judge_names[0], "info_judge": scorers.judge_names[1],
                                 "embedder": scorers.embedder_name}, fold, split, **metrics)
 

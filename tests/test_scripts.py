@@ -54,11 +54,12 @@ def test_three_commands_and_sweep(work):
     mtimes = [p.stat().st_mtime for p in probes]
 
     res = run(["ot_edit_layer.py", "llama_7B", *common(root, model_dir), "--bl", "1.0", "--alpha", "0.1",
-               "--kappa", "40", "--use_mode", "test", "--epochs", "5", "--mimic", *eval_flags(model_dir)], root)
+               "--kappa", "40", "--use_mode", "test", "--epochs", "5", "--mimic", "--ce_kl", *eval_flags(model_dir)], root)
     assert [p.stat().st_mtime for p in probes] == mtimes  # stage 1 was read back, not retrained
     rows = json.loads(next((out / "summary").glob("tiny_llama_slim_*_test_first3.json")).read_text())
     assert [r["fold"] for r in rows] == [0, 1, "mean"]
     assert rows[-1]["method"] == "slim" and rows[-1]["kappa"] == 40.0
+    assert rows[0]["ce"] > 0 and rows[0]["kl"] >= 0 and rows[0]["ce_kl_corpus"] == "tqa-best-answers"
     assert list((out / "summary").glob("tiny_llama_mimic_*_test_first3.json"))
     answers = pd.read_csv(next((out / "answers" / "tiny_llama").glob("slim_*_fold0_test_first3.csv")))
     assert answers["question_idx"].tolist() == [0, 1, 2]
