@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import make_bpe_tokenizer
 from slim.judges import (FEATURE_NAMES, JudgeUnavailableError, LocalLMJudge, OfflineJudge, OpenAIJudge, TinyMLP,
                          judge_prompt, load_judge_data, make_judge, p_yes_from_top_logprobs)
 
@@ -241,16 +242,7 @@ CORPUS = ["Q: What is the capital of France?\nA: Paris is the capital of France.
 
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained in memory, with a BOS token like Llama's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return make_bpe_tokenizer(CORPUS)
 
 
 def tiny_llama(vocab_size: int):

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import make_bpe_tokenizer
 from slim.metrics import (CEKL, answer_logprobs, ce_and_kl, degeneracy_rate, is_degenerate, load_embedder, mc1,
                           mc2, mc_scores, sem_scores, summary_row, true_info, write_summary)
 
@@ -103,16 +104,9 @@ CORPUS = ["Q: What is the capital of France?\nA: Paris is the capital of France.
 @pytest.fixture(scope="module")
 def lm():
     """(model, tokenizer): a byte-level BPE trained in memory with a BOS token, and a random tiny Llama."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer = make_bpe_tokenizer(CORPUS)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
