@@ -31,6 +31,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kappa", type=float, default=None,
+                        help="override the policy's kappa; 0 keeps every computation of the edit but leaves the "
+                             "tokens unchanged, so both runs decode the same tokens")
     parser.add_argument("--tqa_dir", default=None)
     args = parser.parse_args()
 
@@ -43,6 +46,8 @@ def main():
         policy = SlimPolicy(torch.randn(H, d, generator=g) * 0.05, torch.zeros(H),
                             torch.eye(d) + 0.01 * torch.randn(H, d, d, generator=g), torch.zeros(H, d),
                             layer=min(19, L - 1), tau=0, kappa=0.0, fingerprint=model_fingerprint(lm.model))
+    if args.kappa is not None:
+        policy.kappa = args.kappa
     questions = load_truthfulqa(args.tqa_dir)["Question"].tolist()[:args.n_questions]
     prompts = [qa_prompt(q) for q in questions]
 
@@ -54,7 +59,9 @@ def main():
                                    edit=edit)
         return time.perf_counter() - t0, out
 
-    answer_all(None)  # warm-up
+    _, plain_out = answer_all(None)  # warm-up
+    _, edited_out = answer_all(policy)
+    same = sum(a == b for a, b in zip(plain_out, edited_out))
     plain, edited = [], []
     for _ in range(args.repeats):
         plain.append(answer_all(None)[0])
@@ -65,7 +72,8 @@ def main():
           f"{torch.get_num_threads()} torch threads, median of {args.repeats}")
     print(f"unintervened : {t_plain:7.2f} s  ({t_plain / len(prompts):.3f} s a question)")
     print(f"with SLIM    : {t_edit:7.2f} s  ({t_edit / len(prompts):.3f} s a question)")
-    print(f"overhead     : {100 * (t_edit / t_plain - 1):+.1f} %")
+    print(f"overhead     : {100 * (t_edit / t_plain - 1):+.1f} %  (kappa {policy.kappa:g}; "
+          f"{same}/{len(prompts)} generations identical to the unintervened ones)")
 
 
 if __name__ == "__main__":
