@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from .io import atomic_path
+from .models import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,8 @@ def _clean(text) -> str:
 
 
 def default_cache_dir() -> Path:
-    """`$SLIM_CACHE/judges`, by default ~/.cache/slim/judges (the root of slim.models.cache_root)."""
-    return Path(os.environ.get("SLIM_CACHE", Path.home() / ".cache" / "slim")) / "judges"
+    """`$SLIM_CACHE/judges`, by default ~/.cache/slim/judges."""
+    return cache_root() / "judges"
 
 
 def _write_atomic(path: Path, write) -> Path:
