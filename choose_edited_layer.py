@@ -4,10 +4,11 @@
     python choose_edited_layer.py smollm2_135M --num_fold 2 --bl 1.0 --figure_bls 0.6 0.8 1.0 1.2 1.4 2.0
 
 Writes, under --out_dir (validation/): the probes of each fold
-(probes/<model>/fold<k>_<settings>.safetensors), one tidy table of per-layer
-validation metrics (<model>_layer_metrics_<settings>.csv), the chosen layer
-per fold (<model>_chosen_layer_<settings>.json), and the paper's Figure 1 as
-PNG files under paper/.
+(probes/<model>/fold<k>_<data>_<settings>.safetensors), one tidy table of
+per-layer validation metrics (<model>_layer_metrics_<settings>.csv), the chosen
+layer per fold (<model>_chosen_layer_<settings>.json), and the paper's Figure 1
+as PNG files under paper/. With --n_questions N the tables and figures are
+named <model>_first<N>_..., apart from the full-data ones.
 """
 
 import argparse
@@ -39,9 +40,11 @@ def main():
     layers = chosen_layers(fold_probes, args.criterion)
 
     tag = su.model_tag(args)
+    # a question subset (quick mode) gets its own files, never overwriting the full-data tables and figures
+    out_tag = f"{tag}_first{args.n_questions}" if args.n_questions else tag
     out = Path(args.out_dir)
-    write_csv(table, out / f"{tag}_layer_metrics_{cfg.tag()}.csv")
-    write_json(out / f"{tag}_chosen_layer_{cfg.tag()}.json",
+    write_csv(table, out / f"{out_tag}_layer_metrics_{cfg.tag()}.csv")
+    write_json(out / f"{out_tag}_chosen_layer_{cfg.tag()}.json",
                       {"model": tag, "criterion": args.criterion, "probe_settings": cfg.tag(),
                        "chosen_layer": {str(k): v for k, v in layers.items()}})
     for fold, layer in layers.items():
@@ -51,7 +54,9 @@ def main():
 
     if not args.no_figures:
         name = args.model_dir or args.model_name
-        fig_a = plot_fnr_fpr(table, name, cfg.bl, Path(args.paper_dir) / f"figure1a_{tag}_fnr_fpr_by_layer.png")
+        if args.n_questions:
+            name = f"{name}, first {args.n_questions} questions"
+        fig_a = plot_fnr_fpr(table, name, cfg.bl, Path(args.paper_dir) / f"figure1a_{out_tag}_fnr_fpr_by_layer.png")
         print(f"Figure 1(a): {fig_a}")
         if args.figure_bls:
             tables = []
@@ -60,8 +65,8 @@ def main():
                 tables.append(layer_table(su.stage1(args, data, folds, cfg_bl), cfg_bl))
             import pandas as pd
             sweep = pd.concat(tables, ignore_index=True)
-            write_csv(sweep, out / f"{tag}_layer_metrics_bl_sweep.csv")
-            fig_b = plot_fnr_by_bl(sweep, name, Path(args.paper_dir) / f"figure1b_{tag}_fnr_by_bl.png")
+            write_csv(sweep, out / f"{out_tag}_layer_metrics_bl_sweep.csv")
+            fig_b = plot_fnr_by_bl(sweep, name, Path(args.paper_dir) / f"figure1b_{out_tag}_fnr_by_bl.png")
             print(f"Figure 1(b): {fig_b}")
 
 

@@ -20,7 +20,7 @@ if [ -n "${FULL:-}" ]; then
 else
   OUT_DIR=${OUT_DIR:-validation/quick}; subset=(--n_questions "${N_QUESTIONS:-300}")
   scored=(--max_questions "${MAX_QUESTIONS:-60}"); mode="quick: first ${N_QUESTIONS:-300} questions, ${MAX_QUESTIONS:-60} scored per fold"
-  KAPPAS=${KAPPAS:-"0 10 20 40"}; ALPHAS=${ALPHAS:-"0 5 15"}; SWEEP_Q=${SWEEP_Q:-}
+  KAPPAS=${KAPPAS:-"0 10 20 40 80"}; ALPHAS=${ALPHAS:-"0 5 15"}; SWEEP_Q=${SWEEP_Q:-}
 fi
 NUM_HEADS=${NUM_HEADS:-24}  # ITI's K: the paper's 48 of 1,024 heads is about 5 %; 24 of SmolLM2's 270 is 9 %
 common=(--num_fold "$NUM_FOLD" --out_dir "$OUT_DIR" "${subset[@]}")

@@ -5,9 +5,19 @@
 Without --policy, a SLIM policy with random probes and maps is attached at
 layer 19 (what is timed is the per-step edit, whatever its values). Runs
 alternate plain / edited batches and report the median of --repeats runs.
+
+An edit that changes what the model says also changes how long it talks (a
+batch stops once every answer has ended), which mixes the edit's cost with
+its effect. Two ways to take that out:
+  --kappa 0        the edit runs in full but moves nothing: the same tokens;
+  --fixed-length   every batch decodes exactly --max-new-tokens steps (end of
+                   sequence ignored), so both runs do the same amount of work
+                   whatever the edit makes the model say.
+Time per decoded token (batch rows x decode steps) is printed in every mode.
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -18,9 +28,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from slim.data import load_truthfulqa  # noqa: E402
-from slim.generation import generate_greedy, qa_prompt  # noqa: E402
+from slim.generation import qa_prompt  # noqa: E402
 from slim.interventions import Policy, SlimPolicy, model_fingerprint  # noqa: E402
 from slim.models import load_model, model_shape  # noqa: E402
+
+
+@torch.no_grad()
+def decode_batch(lm, prompts, max_new_tokens, fixed_length, edit):
+    """Greedy continuations and the number of decode steps the batch ran."""
+    enc = lm.tokenizer(prompts, return_tensors="pt", padding=True)
+    with edit(lm.model) if edit is not None else contextlib.nullcontext():
+        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens,
+                                min_new_tokens=max_new_tokens if fixed_length else 0,
+                                do_sample=False, num_beams=1, pad_token_id=lm.tokenizer.pad_token_id,
+                                temperature=None, top_p=None, top_k=None)
+    new = out[:, enc["input_ids"].shape[1]:]  # (batch, steps)
+    return lm.tokenizer.batch_decode(new, skip_special_tokens=True), new.shape[1]
 
 
 def main():
@@ -34,6 +57,9 @@ def main():
     parser.add_argument("--kappa", type=float, default=None,
                         help="override the policy's kappa; 0 keeps every computation of the edit but leaves the "
                              "tokens unchanged, so both runs decode the same tokens")
+    parser.add_argument("--fixed-length", action="store_true",
+                        help="decode exactly --max-new-tokens steps in every batch (end of sequence ignored), so "
+                             "plain and edited runs do the same work even where the edit changes the answers")
     parser.add_argument("--tqa_dir", default=None)
     args = parser.parse_args()
 
@@ -52,28 +78,36 @@ def main():
     prompts = [qa_prompt(q) for q in questions]
 
     def answer_all(edit):
+        """(seconds, answers, decoded tokens) for all prompts."""
         t0 = time.perf_counter()
-        out = []
+        texts, tokens = [], 0
         for i in range(0, len(prompts), args.batch_size):
-            out += generate_greedy(lm.model, lm.tokenizer, prompts[i:i + args.batch_size], args.max_new_tokens,
-                                   edit=edit)
-        return time.perf_counter() - t0, out
+            batch = prompts[i:i + args.batch_size]
+            out, steps = decode_batch(lm, batch, args.max_new_tokens, args.fixed_length, edit)
+            texts += out
+            tokens += len(batch) * steps
+        return time.perf_counter() - t0, texts, tokens
 
-    _, plain_out = answer_all(None)  # warm-up
-    _, edited_out = answer_all(policy)
+    _, plain_out, plain_tokens = answer_all(None)  # warm-up; greedy, so every repeat decodes the same
+    _, edited_out, edited_tokens = answer_all(policy)
     same = sum(a == b for a, b in zip(plain_out, edited_out))
     plain, edited = [], []
     for _ in range(args.repeats):
         plain.append(answer_all(None)[0])
         edited.append(answer_all(policy)[0])
     t_plain, t_edit = statistics.median(plain), statistics.median(edited)
-    print(f"model {args.model}, {len(prompts)} questions, batch {args.batch_size}, {args.max_new_tokens} new tokens, "
+    ms_plain, ms_edit = 1e3 * t_plain / plain_tokens, 1e3 * t_edit / edited_tokens
+    print(f"model {args.model}, {len(prompts)} questions, batch {args.batch_size}, {args.max_new_tokens} new tokens"
+          f"{' (fixed length)' if args.fixed_length else ' (batch stops when every answer has ended)'}, "
           f"policy {'random SLIM (layer %d)' % policy.layer if not args.policy else args.policy}, "
           f"{torch.get_num_threads()} torch threads, median of {args.repeats}")
-    print(f"unintervened : {t_plain:7.2f} s  ({t_plain / len(prompts):.3f} s a question)")
-    print(f"with SLIM    : {t_edit:7.2f} s  ({t_edit / len(prompts):.3f} s a question)")
-    print(f"overhead     : {100 * (t_edit / t_plain - 1):+.1f} %  (kappa {policy.kappa:g}; "
-          f"{same}/{len(prompts)} generations identical to the unintervened ones)")
+    print(f"unintervened : {t_plain:7.2f} s  ({t_plain / len(prompts):.3f} s a question, "
+          f"{plain_tokens} decoded tokens, {ms_plain:.2f} ms a token)")
+    print(f"with SLIM    : {t_edit:7.2f} s  ({t_edit / len(prompts):.3f} s a question, "
+          f"{edited_tokens} decoded tokens, {ms_edit:.2f} ms a token)")
+    print(f"overhead     : {100 * (t_edit / t_plain - 1):+.1f} % in time, {100 * (ms_edit / ms_plain - 1):+.1f} % "
+          f"a decoded token  (kappa {policy.kappa:g}; {same}/{len(prompts)} generations identical to the "
+          f"unintervened ones)")
 
 
 if __name__ == "__main__":

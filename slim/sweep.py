@@ -48,19 +48,25 @@ def main(argv=None):
     parser.add_argument("--out_dir", default=None, help="write the choice under this folder as JSON")
     args = parser.parse_args(argv)
     rows = [dict(mean_row(s), summary=str(s)) for s in args.summaries]
+    for r in rows:
+        if args.param not in r:
+            # ITI's alpha = 0 runs as the unintervened model, whose summary names no knob
+            if r.get("method") != "baseline":
+                raise ValueError(f"{r['summary']} has no {args.param!r}: is it a {args.method} summary?")
+            r[args.param] = 0.0
     print(f"{args.param:>10} {'True*Info':>10} {'True':>7} {'Info':>7} {'SEM':>6} {'degen':>6}")
-    for r in sorted(rows, key=lambda r: float(r.get(args.param, 0))):
-        print(f"{r.get(args.param)!s:>10} {r['true_info']:10.2f} {r['true']:7.2f} {r['info']:7.2f} "
+    for r in sorted(rows, key=lambda r: float(r[args.param])):
+        print(f"{r[args.param]:>10g} {r['true_info']:10.2f} {r['true']:7.2f} {r['info']:7.2f} "
               f"{r['sem']:6.3f} {r['degeneracy']:6.3f}")
     best = select_best(rows, args.criterion, args.max_degeneracy)
-    print(f"best {args.param}: {best.get(args.param)} (criterion {args.criterion}, ties by SEM, "
+    print(f"best {args.param}: {best[args.param]:g} (criterion {args.criterion}, ties by SEM, "
           f"degeneracy <= {args.max_degeneracy})")
     if args.out_dir:
         from .io import write_json
 
         out = Path(args.out_dir) / f"{best['model']}_best_{args.method}.json"
         print(f"written to {out}")
-        write_json(out, {"param": args.param, "value": best.get(args.param), "criterion": args.criterion,
+        write_json(out, {"param": args.param, "value": best[args.param], "criterion": args.criterion,
                                      "max_degeneracy": args.max_degeneracy, "row": best,
                                      "candidates": rows})
     return best

@@ -84,6 +84,17 @@ def test_three_commands_and_sweep(work):
     assert best["param"] == "kappa" and best["value"] in (0.0, 5.0) and len(best["candidates"]) == 2
 
 
+def test_question_subset_keeps_its_own_tables_and_figures(work):
+    root, model_dir = work
+    paper = root / "paper_subset"
+    run(["choose_edited_layer.py", "llama_7B", *common(root, model_dir), "--n_questions", "40", "--bl", "1.0",
+         "--epochs", "5", "--paper_dir", str(paper)], root)
+    assert [p.name for p in paper.glob("*.png")] == ["figure1a_tiny_llama_first40_fnr_fpr_by_layer.png"]
+    out = root / "validation"
+    assert len(list(out.glob("tiny_llama_first40_layer_metrics_*.csv"))) == 1
+    assert len(list(out.glob("tiny_llama_first40_chosen_layer_*.json"))) == 1
+
+
 def test_bad_input_is_one_line_and_keeps_results(work):
     root, model_dir = work
     for args, message in [
