@@ -48,6 +48,7 @@ settings=""
 for v in FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS NUM_HEADS; do
   [ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "
 done
+cmd=$(printf '%q ' bash run_pipeline.sh "$@")
 python -m slim.reports "${rows[@]}" --out "paper/table1_${MODEL//\//_}_$([ -n "${FULL:-}" ] && echo full || echo quick).md" \
   --title "$MODEL, $NUM_FOLD folds, test questions ($mode; judges: ${JUDGES:-offline unless named})" \
-  --command "${settings}$(printf '%q ' bash run_pipeline.sh "$@")"
+  --command "${settings}${cmd% }"

@@ -4,7 +4,9 @@
 
 Without --policy, a SLIM policy with random probes and maps is attached at
 layer 19 (what is timed is the per-step edit, whatever its values). Runs
-alternate plain / edited batches and report the median of --repeats runs.
+decode each batch plain and edited back to back (the order swapping from pair
+to pair) and report the median ratio over all pairs, and the time spent inside
+the edit itself.
 
 An edit that changes what the model says also changes how long it talks (a
 batch stops once every answer has ended), which mixes the edit's cost with
@@ -76,39 +78,61 @@ def main():
         policy.kappa = args.kappa
     questions = load_truthfulqa(args.tqa_dir)["Question"].tolist()[:args.n_questions]
     prompts = [qa_prompt(q) for q in questions]
+    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
 
-    def answer_all(edit):
-        """(seconds, answers, decoded tokens) for all prompts."""
+    # Time spent inside the edit itself (probes, detector, maps), summed over every forward call.
+    inside = {"s": 0.0, "calls": 0}
+    edit_body = policy.edit
+
+    def timed_edit(layer, acts):
         t0 = time.perf_counter()
-        texts, tokens = [], 0
-        for i in range(0, len(prompts), args.batch_size):
-            batch = prompts[i:i + args.batch_size]
-            out, steps = decode_batch(lm, batch, args.max_new_tokens, args.fixed_length, edit)
-            texts += out
-            tokens += len(batch) * steps
-        return time.perf_counter() - t0, texts, tokens
+        out = edit_body(layer, acts)
+        inside["s"] += time.perf_counter() - t0
+        inside["calls"] += 1
+        return out
 
-    _, plain_out, plain_tokens = answer_all(None)  # warm-up; greedy, so every repeat decodes the same
-    _, edited_out, edited_tokens = answer_all(policy)
-    same = sum(a == b for a, b in zip(plain_out, edited_out))
-    plain, edited = [], []
-    for _ in range(args.repeats):
-        plain.append(answer_all(None)[0])
-        edited.append(answer_all(policy)[0])
-    t_plain, t_edit = statistics.median(plain), statistics.median(edited)
-    ms_plain, ms_edit = 1e3 * t_plain / plain_tokens, 1e3 * t_edit / edited_tokens
+    policy.edit = timed_edit  # attach() hands this bound attribute to the hook
+
+    def run(batch, edit):
+        t0 = time.perf_counter()
+        texts, steps = decode_batch(lm, batch, args.max_new_tokens, args.fixed_length, edit)
+        return time.perf_counter() - t0, texts, len(batch) * steps
+
+    # Warm-up pass of each; greedy decoding makes every later pass decode the same tokens.
+    plain_first = [run(b, None) for b in batches]
+    edited_first = [run(b, policy) for b in batches]
+    same = sum(a == b for p, e in zip(plain_first, edited_first) for a, b in zip(p[1], e[1]))
+    plain_tokens = [p[2] for p in plain_first]
+    edited_tokens = [e[2] for e in edited_first]
+
+    # Paired design: each batch is decoded plain and edited back to back, the order swapping from
+    # pair to pair, so a slow spell of the machine hits both sides of a pair alike.
+    inside.update(s=0.0, calls=0)
+    plain, edited = [[] for _ in batches], [[] for _ in batches]
+    for r in range(args.repeats):
+        for j, batch in enumerate(batches):
+            for edit in ((None, policy) if (r + j) % 2 == 0 else (policy, None)):
+                (plain if edit is None else edited)[j].append(run(batch, edit)[0])
+    ratios = [(e / edited_tokens[j]) / (p / plain_tokens[j])
+              for j in range(len(batches)) for p, e in zip(plain[j], edited[j])]
+    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    t_plain = sum(map(sum, plain)) / args.repeats  # one pass over all questions
+    t_edit = sum(map(sum, edited)) / args.repeats
+    ms_plain, ms_edit = 1e3 * t_plain / sum(plain_tokens), 1e3 * t_edit / sum(edited_tokens)
+    t_inside = inside["s"] / args.repeats
     print(f"model {args.model}, {len(prompts)} questions, batch {args.batch_size}, {args.max_new_tokens} new tokens"
           f"{' (fixed length)' if args.fixed_length else ' (batch stops when every answer has ended)'}, "
           f"policy {'random SLIM (layer %d)' % policy.layer if not args.policy else args.policy}, "
-          f"{torch.get_num_threads()} torch threads, median of {args.repeats}")
-    print(f"unintervened : {t_plain:7.2f} s  ({t_plain / len(prompts):.3f} s a question, "
-          f"{plain_tokens} decoded tokens, {ms_plain:.2f} ms a token)")
-    print(f"with SLIM    : {t_edit:7.2f} s  ({t_edit / len(prompts):.3f} s a question, "
-          f"{edited_tokens} decoded tokens, {ms_edit:.2f} ms a token)")
-    print(f"overhead     : {100 * (t_edit / t_plain - 1):+.1f} % in time, {100 * (ms_edit / ms_plain - 1):+.1f} % "
-          f"a decoded token  (kappa {policy.kappa:g}; {same}/{len(prompts)} generations identical to the "
-          f"unintervened ones)")
-
+          f"kappa {policy.kappa:g}, {torch.get_num_threads()} torch threads, {args.repeats} repeats")
+    print(f"unintervened : {t_plain:7.2f} s a pass  ({t_plain / len(prompts):.3f} s a question, "
+          f"{sum(plain_tokens)} decoded tokens, {ms_plain:.2f} ms a token)")
+    print(f"with SLIM    : {t_edit:7.2f} s a pass  ({t_edit / len(prompts):.3f} s a question, "
+          f"{sum(edited_tokens)} decoded tokens, {ms_edit:.2f} ms a token)")
+    print(f"overhead     : {100 * (med - 1):+.1f} % a decoded token, median of {len(ratios)} paired batches "
+          f"(quartiles {100 * (q1 - 1):+.1f} % to {100 * (q3 - 1):+.1f} %); means {100 * (t_edit / t_plain - 1):+.1f} %")
+    print(f"inside edit  : {1e3 * t_inside:.1f} ms a pass = {100 * t_inside / t_edit:.2f} % of the edited time "
+          f"({inside['calls'] // args.repeats} forward calls, {1e6 * inside['s'] / max(inside['calls'], 1):.0f} us each)")
+    print(f"tokens       : {same}/{len(prompts)} generations identical to the unintervened ones")
 
 if __name__ == "__main__":
     main()
