@@ -41,7 +41,7 @@ def main():
 
     tag = su.model_tag(args)
     # a question subset (quick mode) gets its own files, never overwriting the full-data tables and figures
-    out_tag = f"{tag}_first{args.n_questions}" if args.n_questions else tag
+    out_tag = su.subset_tag(args, tag)
     out = Path(args.out_dir)
     write_csv(table, out / f"{out_tag}_layer_metrics_{cfg.tag()}.csv")
     write_json(out / f"{out_tag}_chosen_layer_{cfg.tag()}.json",

@@ -75,10 +75,14 @@ def model_tag(args) -> str:
     return Path(name).name if args.model_dir else name.replace("/", "_")
 
 
+def subset_tag(args, name: str) -> str:
+    """`name` in file names, marked with the question subset (--n_questions N) so its files stay apart."""
+    return f"{name}_first{args.n_questions}" if args.n_questions else name
+
+
 def data_tag(args, dataset_name: str | None = None) -> str:
     """The probe dataset's name in cache files; a question subset gets its own files."""
-    name = dataset_name or args.dataset_name
-    return f"{name}_first{args.n_questions}" if args.n_questions else name
+    return subset_tag(args, dataset_name or args.dataset_name)
 
 
 def load_model_from_args(args) -> LoadedModel:

@@ -19,7 +19,6 @@ Time per decoded token (batch rows x decode steps) is printed in every mode.
 """
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -30,21 +29,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from slim.data import load_truthfulqa  # noqa: E402
-from slim.generation import qa_prompt  # noqa: E402
+from slim.generation import greedy_tokens, qa_prompt  # noqa: E402
 from slim.interventions import Policy, SlimPolicy, model_fingerprint  # noqa: E402
 from slim.models import load_model, model_shape  # noqa: E402
 
 
-@torch.no_grad()
 def decode_batch(lm, prompts, max_new_tokens, fixed_length, edit):
     """Greedy continuations and the number of decode steps the batch ran."""
-    enc = lm.tokenizer(prompts, return_tensors="pt", padding=True)
-    with edit(lm.model) if edit is not None else contextlib.nullcontext():
-        out = lm.model.generate(**enc, max_new_tokens=max_new_tokens,
-                                min_new_tokens=max_new_tokens if fixed_length else 0,
-                                do_sample=False, num_beams=1, pad_token_id=lm.tokenizer.pad_token_id,
-                                temperature=None, top_p=None, top_k=None)
-    new = out[:, enc["input_ids"].shape[1]:]  # (batch, steps)
+    new = greedy_tokens(lm.model, lm.tokenizer, prompts, max_new_tokens, edit,
+                        min_new_tokens=max_new_tokens if fixed_length else None)  # (batch, steps)
     return lm.tokenizer.batch_decode(new, skip_special_tokens=True), new.shape[1]
 
 

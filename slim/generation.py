@@ -67,16 +67,26 @@ def extract_answer(generated: str) -> str:
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 50,
-                    edit: EditFactory | None = None, device=None) -> list[str]:
-    """Greedy continuations of a batch of prompts (left padded), the edit active throughout."""
+def greedy_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int = 50,
+                  edit: EditFactory | None = None, device=None, min_new_tokens: int | None = None) -> torch.Tensor:
+    """New token ids (batch, steps) of greedy continuations of left-padded prompts, the edit active throughout.
+
+    The batch stops once every row has ended, but not before `min_new_tokens` steps (if given).
+    """
     device = device or model.get_input_embeddings().weight.device
     enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
     context = edit(model) if edit is not None else contextlib.nullcontext()
     with context:
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-    new_tokens = out[:, enc["input_ids"].shape[1]:]
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+                             num_beams=1, pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None,
+                             top_k=None)
+    return out[:, enc["input_ids"].shape[1]:]
+
+
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 50,
+                    edit: EditFactory | None = None, device=None) -> list[str]:
+    """Greedy continuations (text) of a batch of prompts, the edit active throughout."""
+    new_tokens = greedy_tokens(model, tokenizer, prompts, max_new_tokens, edit, device)
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
