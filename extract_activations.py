@@ -1,25 +1,29 @@
 """Stage 0: cache the head-wise activations of the probe texts (the later stages call this on demand).
 
-    python extract_activations.py smollm2_135M --dataset_name tqa_mc2
+python extract_activations.py smollm2_135M --dataset_name tqa_mc2
 """
 
 import argparse
 import json
-from pathlib import Path
 
 import slim_utils as su
+from slim.activations import load_probe_data
+from slim.data import questions_and_folds
 
 
 def main():
-    parser = su.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    args = parser.parse_args()
-    df, _ = su.questions_and_splits(args)
-    data = su.probe_data(args, None, df)
-    manifest = Path(args.out_dir) / "features" / f"{su.model_tag(args)}_{su.data_tag(args)}_head_wise.json"
-    info = json.loads(manifest.read_text())
-    print(f"{args.dataset_name}: {data.activations.shape[0]} texts x {data.activations.shape[1]} layers x "
-          f"{data.activations.shape[2]} heads x {data.activations.shape[3]} dims, float16, in {manifest.parent} "
-          f"(extraction time {info.get('seconds', 0):.0f} s)")
+    args = su.add_flags(argparse.ArgumentParser(description=__doc__.splitlines()[0]), su.COMMON_FLAGS).parse_args()
+    data_cfg = su.data_config(args)
+    layout = su.run_layout(args)
+    df, _ = questions_and_folds(data_cfg, layout.splits_dir)
+    path = layout.features(data_cfg.dataset_name)
+    data = load_probe_data(df, data_cfg.dataset_name, path, layout.tag, su.model_loader(args), args.batch_size)
+    info = json.loads(path.with_suffix(".json").read_text())
+    n, L, H, d = data.activations.shape
+    print(
+        f"{args.dataset_name}: {n} texts x {L} layers x {H} heads x {d} dims, float16, in {path} "
+        f"(extraction time {info.get('seconds', 0):.0f} s)"
+    )
 
 
 if __name__ == "__main__":

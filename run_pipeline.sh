@@ -24,10 +24,11 @@ else
 fi
 NUM_HEADS=${NUM_HEADS:-24}  # ITI's K: the paper's 48 of 1,024 heads is about 5 %; 24 of SmolLM2's 270 is 9 %
 common=(--num_fold "$NUM_FOLD" --out_dir "$OUT_DIR" "${subset[@]}")
-log=$(mktemp); trap 'rm -f "$log"' EXIT
-summary() { sed -n 's/^summary: \(.*\)\.csv$/\1.json/p' "$log" | tail -n 1; }
+# Figure 1 goes to paper/ only from the full run on a registry model; other runs keep it under their OUT_DIR.
+figures=(); [ -n "${FULL:-}" ] && [[ " $* " != *" --model_dir "* ]] && figures=(--paper_dir paper)
+written=$(mktemp); trap 'rm -f "$written"' EXIT  # each run writes its summary path(s) here
 
-python choose_edited_layer.py "$MODEL" --dataset_name tqa_mc2 --bl 1.0 "${common[@]}" "$@"
+python choose_edited_layer.py "$MODEL" --dataset_name tqa_mc2 --bl 1.0 "${figures[@]}" "${common[@]}" "$@"
 
 sweep_q=(); [ -n "$SWEEP_Q" ] && sweep_q=(MAX_QUESTIONS="$SWEEP_Q")
 env "${sweep_q[@]}" MODEL="$MODEL" KAPPAS="$KAPPAS" NUM_FOLD="$NUM_FOLD" OUT_DIR="$OUT_DIR" \
@@ -36,13 +37,14 @@ env "${sweep_q[@]}" MODEL="$MODEL" METHOD=iti ALPHAS="$ALPHAS" NUM_HEADS="$NUM_H
   OUT_DIR="$OUT_DIR" bash sweep.sh "${subset[@]}" "$@"
 
 rows=()
-python validate_2fold.py "$MODEL" --alpha 0 "${common[@]}" "${scored[@]}" "$@" | tee "$log"; rows+=("$(summary)")
+python validate_2fold.py "$MODEL" --alpha 0 "${common[@]}" "${scored[@]}" --summary_out "$written" "$@"
+rows+=("$(head -n 1 "$written")")
 python validate_2fold.py "$MODEL" --num_heads "$NUM_HEADS" --alpha best --use_center_of_mass "${common[@]}" \
-  "${scored[@]}" "$@" | tee "$log"; rows+=("$(summary)")
+  "${scored[@]}" --summary_out "$written" "$@"
+rows+=("$(head -n 1 "$written")")
 python ot_edit_layer.py "$MODEL" --bl 1.0 --alpha 0.1 --kappa best --mimic --use_mode test "${common[@]}" \
-  "${scored[@]}" "$@" | tee "$log"
-rows+=("$(sed -n 's/^summary: \(.*_slim_.*\)\.csv$/\1.json/p' "$log" | tail -n 1)")
-rows+=("$(sed -n 's/^summary: \(.*_mimic_.*\)\.csv$/\1.json/p' "$log" | tail -n 1)")
+  "${scored[@]}" --summary_out "$written" "$@"
+mapfile -t slim_and_mimic < "$written"; rows+=("${slim_and_mimic[@]}")
 
 settings=""
 for v in FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS NUM_HEADS; do

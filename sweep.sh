@@ -26,21 +26,21 @@ quick=()
 [ -n "${MAX_QUESTIONS:-}" ] && quick=(--max_questions "$MAX_QUESTIONS")
 
 summaries=()
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+written=$(mktemp)  # each run writes the path of its summary here (--summary_out)
+trap 'rm -f "$written"' EXIT
 if [ "$METHOD" = slim ]; then
   param=kappa
   for k in $KAPPAS; do
     python ot_edit_layer.py "$MODEL" --num_fold "$NUM_FOLD" --bl "$BL" --alpha "$GAMMA" --kappa "$k" \
-      --use_mode val --out_dir "$OUT_DIR" "${quick[@]}" "$@" | tee "$log"
-    summaries+=("$(sed -n 's/^summary: \(.*\)\.csv$/\1.json/p' "$log" | tail -n 1)")
+      --use_mode val --out_dir "$OUT_DIR" --summary_out "$written" "${quick[@]}" "$@"
+    summaries+=("$(head -n 1 "$written")")
   done
 elif [ "$METHOD" = iti ]; then
   param=alpha
   for a in $ALPHAS; do
     python validate_2fold.py "$MODEL" --num_fold "$NUM_FOLD" --num_heads "$NUM_HEADS" --alpha "$a" \
-      --use_center_of_mass --use_mode val --out_dir "$OUT_DIR" "${quick[@]}" "$@" | tee "$log"
-    summaries+=("$(sed -n 's/^summary: \(.*\)\.csv$/\1.json/p' "$log" | tail -n 1)")
+      --use_center_of_mass --use_mode val --out_dir "$OUT_DIR" --summary_out "$written" "${quick[@]}" "$@"
+    summaries+=("$(head -n 1 "$written")")
   done
 else
   echo "error: METHOD must be slim or iti, got '$METHOD'." >&2

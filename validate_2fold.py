@@ -13,68 +13,86 @@ answered and scored; a summary per fold and the fold average are written.
 """
 
 import argparse
-from pathlib import Path
-
-import numpy as np
 
 import slim_utils as su
-from slim.interventions import ITIPolicy, Policy, fit_iti, model_fingerprint
+from slim.activations import load_probe_data
+from slim.config import TUNING_DATASETS, ITIConfig, run_config
+from slim.data import questions_and_folds
+from slim.evaluation import evaluate_method, load_scorers
+from slim.fit import iti_for_fold
+from slim.interventions import model_fingerprint
 
 
 def main():
-    parser = su.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
-    su.add_eval_args(parser)
+    parser = su.add_flags(argparse.ArgumentParser(description=__doc__.splitlines()[0]), su.COMMON_FLAGS)
+    su.add_flags(parser, su.EVAL_FLAGS)
     parser.add_argument("--num_heads", type=int, default=48, help="K: heads to shift (published 48 of 1,024 on 7B)")
-    parser.add_argument("--alpha", default="15", help="ITI strength; 0 = the unintervened model; 'best': "
-                                                     "the value sweep.sh chose (METHOD=iti)")
+    parser.add_argument(
+        "--alpha",
+        default="15",
+        help="ITI strength; 0 = the unintervened model; 'best': the value sweep.sh chose (METHOD=iti)",
+    )
     direction = parser.add_mutually_exclusive_group()
     direction.add_argument("--use_center_of_mass", action="store_true", help="class-mean difference directions")
     direction.add_argument("--use_random_dir", action="store_true", help="random directions (ablation)")
-    parser.add_argument("--tuning_dataset", default="same", choices=("same", "tqa_gen_end_q"),
-                        help="activations whose projections give sigma: the probe texts' train+val rows "
-                             "(same), or ITI's tqa_gen_end_q set (another extraction pass)")
+    parser.add_argument(
+        "--tuning_dataset",
+        default="same",
+        choices=TUNING_DATASETS,
+        help="activations whose projections give sigma: the probe texts' train+val rows "
+        "(same), or ITI's tqa_gen_end_q set (another extraction pass)",
+    )
     args = parser.parse_args()
-    su.check_common_args(args)
-    args.alpha = su.knob(args.alpha, args, "iti", "alpha")
-    if not np.isfinite(args.alpha):
-        raise ValueError(f"--alpha must be finite, got {args.alpha}.")
-
-    df, folds = su.questions_and_splits(args)
-    lm = su.load_model_from_args(args)
-    tag = su.model_tag(args)
-    if args.alpha == 0:
-        su.run_method(args, lm, df, folds, "baseline", {}, lambda fold: None)
-        return
-
-    data = su.probe_data(args, lm, df)
-    L, H = data.activations.shape[1:3]
-    if not 1 <= args.num_heads <= L * H:
-        raise ValueError(f"--num_heads must lie in 1..{L * H} for this model, got {args.num_heads}.")
-    tuning = su.probe_data(args, lm, df, "tqa_gen_end_q") if args.tuning_dataset == "tqa_gen_end_q" else None
+    data_cfg, eval_cfg = su.data_config(args), su.eval_config(args)
+    layout = su.run_layout(args)
     kind = "com" if args.use_center_of_mass else "random" if args.use_random_dir else "probe"
-    fingerprint = model_fingerprint(lm.model)
-    policies = {}
-    for fold, split in enumerate(folds):
-        # the fitted heads, directions and sigmas do not depend on alpha: fit once, rescale per run
-        folder = (Path(args.out_dir) / "policies" / tag /
-                  f"iti_fold{fold}_{kind}_heads{args.num_heads}_{args.tuning_dataset}")
-        if (folder / "policy.json").exists():
-            fitted = Policy.load(folder)
-        else:
-            train = su.rows_of(data.texts, split["train"])
-            val = su.rows_of(data.texts, split["val"])
-            tuning_acts = None
-            if tuning is not None:
-                fit_rows = su.rows_of(tuning.texts, np.concatenate([split["train"], split["val"]]))
-                tuning_acts = tuning.activations[np.sort(fit_rows)]
-            fitted = fit_iti(data.activations, data.texts["truthful"].to_numpy(), train, val, args.num_heads,
-                             1.0, direction=kind, tuning_acts=tuning_acts, fingerprint=fingerprint)
-            fitted.save(folder)
-            print(f"fold {fold}: ITI heads (layer, head) {fitted.heads[:8].tolist()} ... saved to {folder}")
-        policies[fold] = ITIPolicy(fitted.heads, fitted.directions, fitted.sigmas, alpha=args.alpha,
-                                   fingerprint=fitted.fingerprint, meta=fitted.meta)
-    params = {"alpha": args.alpha, "heads": args.num_heads, "dir": kind}
-    su.run_method(args, lm, df, folds, "iti", params, lambda fold: policies[fold])
+    cfg = ITIConfig(args.num_heads, su.knob(args.alpha, layout, "iti", "alpha"), kind, args.tuning_dataset)
+
+    df, folds = questions_and_folds(data_cfg, layout.splits_dir)
+    load = su.model_loader(args)
+    lm = load()
+    config = run_config(
+        model={"name": args.model_name, "model_dir": args.model_dir, "device": args.device},
+        data=data_cfg,
+        eval=eval_cfg,
+    )
+    if cfg.alpha == 0:
+        method, params, policies = "baseline", {}, {}
+    else:
+        data = load_probe_data(
+            df, data_cfg.dataset_name, layout.features(data_cfg.dataset_name), layout.tag, load, args.batch_size
+        )
+        tuning = None
+        if cfg.tuning_dataset == "tqa_gen_end_q":
+            tuning = load_probe_data(
+                df, "tqa_gen_end_q", layout.features("tqa_gen_end_q"), layout.tag, load, args.batch_size
+            )
+        fingerprint = model_fingerprint(lm.model)
+        policies = {
+            fold: iti_for_fold(
+                data, split, cfg, layout.iti_policy(fold, kind, cfg.num_heads, cfg.tuning_dataset), fingerprint, tuning
+            )
+            for fold, split in enumerate(folds)
+        }
+        method, params = "iti", {"alpha": cfg.alpha, "heads": cfg.num_heads, "dir": kind}
+        config["iti"] = run_config(iti=cfg)["iti"]
+    scorers = load_scorers(eval_cfg.judge_name, eval_cfg.info_name, eval_cfg.embedder, data_cfg.tqa_dir)
+    result = evaluate_method(
+        lm,
+        df,
+        folds,
+        method,
+        params,
+        policies.get,
+        scorers,
+        eval_cfg,
+        layout,
+        config,
+        data_cfg.tqa_dir,
+        on_row=su.print_row,
+    )
+    print(f"summary: {result.summary_json}")
+    su.write_summary_paths(args, [result.summary_json])
 
 
 if __name__ == "__main__":

@@ -40,8 +40,10 @@ def main():
     single = [last_token_head_activations(lm.model, lm.tokenizer, [t]) for t in texts]
     t_single = time.perf_counter() - t0
     t0 = time.perf_counter()
-    batched = [last_token_head_activations(lm.model, lm.tokenizer, texts[i:i + args.batch_size])
-               for i in range(0, len(texts), args.batch_size)]
+    batched = [
+        last_token_head_activations(lm.model, lm.tokenizer, texts[i : i + args.batch_size])
+        for i in range(0, len(texts), args.batch_size)
+    ]
     t_batched = time.perf_counter() - t0
     err = np.abs(np.concatenate(single) - np.concatenate(batched)).max()
 

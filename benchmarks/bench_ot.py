@@ -60,8 +60,10 @@ def solve_cvxpy(mu_hat, sigma, theta, theta0, gamma, solver):
     t = cp.Variable(nonneg=True)
     St = cp.reshape(S @ theta, (d, 1), order="F")
     lmi = cp.bmat([[t * np.eye(d), St], [St.T, cp.reshape(t, (1, 1), order="F")]])
-    prob = cp.Problem(cp.Minimize(cp.sum_squares(mu - mu_hat) + cp.sum_squares(S - R)),
-                      [theta0 + theta @ mu + norm.ppf(1 - gamma) * t <= 0, lmi >> 0])
+    prob = cp.Problem(
+        cp.Minimize(cp.sum_squares(mu - mu_hat) + cp.sum_squares(S - R)),
+        [theta0 + theta @ mu + norm.ppf(1 - gamma) * t <= 0, lmi >> 0],
+    )
     opts = dict(eps_abs=1e-7, eps_rel=1e-7, max_iters=200_000) if solver == "SCS" else {}
     t0 = time.perf_counter()
     prob.solve(solver=solver, **opts)  # includes cvxpy's compilation, as a user would pay it
@@ -88,8 +90,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--n-instances", type=int, default=3, help="random heads per d (half of them degenerate)")
-    p.add_argument("--solver", choices=["auto", "CLARABEL", "SCS"], nargs="+", default=["auto"],
-                   help="one or more SDP solvers; auto = CLARABEL up to d = 64, SCS above")
+    p.add_argument(
+        "--solver",
+        choices=["auto", "CLARABEL", "SCS"],
+        nargs="+",
+        default=["auto"],
+        help="one or more SDP solvers; auto = CLARABEL up to d = 64, SCS above",
+    )
     p.add_argument("--gamma", type=float, default=0.1)
     p.add_argument("--repeats", type=int, default=20, help="closed-form timing repeats (best of)")
     p.add_argument("--seed", type=int, default=0)
@@ -97,11 +104,15 @@ def main():
 
     import cvxpy as cp
 
-    print(f"numpy {np.__version__}, cvxpy {cp.__version__}, BLAS threads {os.environ['OPENBLAS_NUM_THREADS']}, "
-          f"gamma {args.gamma}, "
-          f"{args.n_instances} instance(s) per d, closed form best of {args.repeats}")
-    header = (f"{'d':>4} {'solver':>8} {'n':>3} {'SDP s/head':>11} {'(solver s)':>11} "
-              f"{'CF solve ms':>11} {'CF head ms':>10} {'ratio':>9} {'max |dobj|':>11} {'max rel':>9}")
+    print(
+        f"numpy {np.__version__}, cvxpy {cp.__version__}, BLAS threads {os.environ['OPENBLAS_NUM_THREADS']}, "
+        f"gamma {args.gamma}, "
+        f"{args.n_instances} instance(s) per d, closed form best of {args.repeats}"
+    )
+    header = (
+        f"{'d':>4} {'solver':>8} {'n':>3} {'SDP s/head':>11} {'(solver s)':>11} "
+        f"{'CF solve ms':>11} {'CF head ms':>10} {'ratio':>9} {'max |dobj|':>11} {'max rel':>9}"
+    )
     print(header)
     print("-" * len(header))
     rng = np.random.default_rng(args.seed)
@@ -116,9 +127,12 @@ def main():
             dabs = [abs(x[0] - c[2]) for x, c in zip(sdp, cf)]
             drel = [a / abs(c[2]) for a, c in zip(dabs, cf)]
             ratio = sdp_wall / cf_total  # against the whole closed-form head (solve + map)
-            print(f"{d:>4} {solver:>8} {args.n_instances:>3} {sdp_wall:>11.3f} {sdp_own:>11.3f} "
-                  f"{1e3 * cf_solve:>11.3f} {1e3 * cf_total:>10.3f} {ratio:>8.0f}x "
-                  f"{max(dabs):>11.2e} {max(drel):>9.2e}", flush=True)
+            print(
+                f"{d:>4} {solver:>8} {args.n_instances:>3} {sdp_wall:>11.3f} {sdp_own:>11.3f} "
+                f"{1e3 * cf_solve:>11.3f} {1e3 * cf_total:>10.3f} {ratio:>8.0f}x "
+                f"{max(dabs):>11.2e} {max(drel):>9.2e}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -30,14 +30,16 @@ import torch  # noqa: E402
 
 from slim.data import load_truthfulqa  # noqa: E402
 from slim.generation import greedy_tokens, qa_prompt  # noqa: E402
+from slim.heads import model_shape  # noqa: E402
 from slim.interventions import Policy, SlimPolicy, model_fingerprint  # noqa: E402
-from slim.models import load_model, model_shape  # noqa: E402
+from slim.models import load_model  # noqa: E402
 
 
 def decode_batch(lm, prompts, max_new_tokens, fixed_length, edit):
     """Greedy continuations and the number of decode steps the batch ran."""
-    new = greedy_tokens(lm.model, lm.tokenizer, prompts, max_new_tokens, edit,
-                        min_new_tokens=max_new_tokens if fixed_length else None)  # (batch, steps)
+    new = greedy_tokens(
+        lm.model, lm.tokenizer, prompts, max_new_tokens, edit, min_new_tokens=max_new_tokens if fixed_length else None
+    )  # (batch, steps)
     return lm.tokenizer.batch_decode(new, skip_special_tokens=True), new.shape[1]
 
 
@@ -49,12 +51,19 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kappa", type=float, default=None,
-                        help="override the policy's kappa; 0 keeps every computation of the edit but leaves the "
-                             "tokens unchanged, so both runs decode the same tokens")
-    parser.add_argument("--fixed-length", action="store_true",
-                        help="decode exactly --max-new-tokens steps in every batch (end of sequence ignored), so "
-                             "plain and edited runs do the same work even where the edit changes the answers")
+    parser.add_argument(
+        "--kappa",
+        type=float,
+        default=None,
+        help="override the policy's kappa; 0 keeps every computation of the edit but leaves the "
+        "tokens unchanged, so both runs decode the same tokens",
+    )
+    parser.add_argument(
+        "--fixed-length",
+        action="store_true",
+        help="decode exactly --max-new-tokens steps in every batch (end of sequence ignored), so "
+        "plain and edited runs do the same work even where the edit changes the answers",
+    )
     parser.add_argument("--tqa_dir", default=None)
     args = parser.parse_args()
 
@@ -64,14 +73,21 @@ def main():
     else:
         L, H, d = model_shape(lm.model)
         g = torch.Generator().manual_seed(0)
-        policy = SlimPolicy(torch.randn(H, d, generator=g) * 0.05, torch.zeros(H),
-                            torch.eye(d) + 0.01 * torch.randn(H, d, d, generator=g), torch.zeros(H, d),
-                            layer=min(19, L - 1), tau=0, kappa=0.0, fingerprint=model_fingerprint(lm.model))
+        policy = SlimPolicy(
+            torch.randn(H, d, generator=g) * 0.05,
+            torch.zeros(H),
+            torch.eye(d) + 0.01 * torch.randn(H, d, d, generator=g),
+            torch.zeros(H, d),
+            layer=min(19, L - 1),
+            tau=0,
+            kappa=0.0,
+            fingerprint=model_fingerprint(lm.model),
+        )
     if args.kappa is not None:
         policy.kappa = args.kappa
-    questions = load_truthfulqa(args.tqa_dir)["Question"].tolist()[:args.n_questions]
+    questions = load_truthfulqa(args.tqa_dir)["Question"].tolist()[: args.n_questions]
     prompts = [qa_prompt(q) for q in questions]
-    batches = [prompts[i:i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
 
     # Time spent inside the edit itself (probes, detector, maps), summed over every forward call.
     inside = {"s": 0.0, "calls": 0}
@@ -104,28 +120,40 @@ def main():
     plain, edited = [[] for _ in batches], [[] for _ in batches]
     for r in range(args.repeats):
         for j, batch in enumerate(batches):
-            for edit in ((None, policy) if (r + j) % 2 == 0 else (policy, None)):
+            for edit in (None, policy) if (r + j) % 2 == 0 else (policy, None):
                 (plain if edit is None else edited)[j].append(run(batch, edit)[0])
-    ratios = [(e / edited_tokens[j]) / (p / plain_tokens[j])
-              for j in range(len(batches)) for p, e in zip(plain[j], edited[j])]
+    ratios = [
+        (e / edited_tokens[j]) / (p / plain_tokens[j]) for j in range(len(batches)) for p, e in zip(plain[j], edited[j])
+    ]
     q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     t_plain = sum(map(sum, plain)) / args.repeats  # one pass over all questions
     t_edit = sum(map(sum, edited)) / args.repeats
     ms_plain, ms_edit = 1e3 * t_plain / sum(plain_tokens), 1e3 * t_edit / sum(edited_tokens)
     t_inside = inside["s"] / args.repeats
-    print(f"model {args.model}, {len(prompts)} questions, batch {args.batch_size}, {args.max_new_tokens} new tokens"
-          f"{' (fixed length)' if args.fixed_length else ' (batch stops when every answer has ended)'}, "
-          f"policy {'random SLIM (layer %d)' % policy.layer if not args.policy else args.policy}, "
-          f"kappa {policy.kappa:g}, {torch.get_num_threads()} torch threads, {args.repeats} repeats")
-    print(f"unintervened : {t_plain:7.2f} s a pass  ({t_plain / len(prompts):.3f} s a question, "
-          f"{sum(plain_tokens)} decoded tokens, {ms_plain:.2f} ms a token)")
-    print(f"with SLIM    : {t_edit:7.2f} s a pass  ({t_edit / len(prompts):.3f} s a question, "
-          f"{sum(edited_tokens)} decoded tokens, {ms_edit:.2f} ms a token)")
-    print(f"overhead     : {100 * (med - 1):+.1f} % a decoded token, median of {len(ratios)} paired batches "
-          f"(quartiles {100 * (q1 - 1):+.1f} % to {100 * (q3 - 1):+.1f} %); means {100 * (t_edit / t_plain - 1):+.1f} %")
-    print(f"inside edit  : {1e3 * t_inside:.1f} ms a pass = {100 * t_inside / t_edit:.2f} % of the edited time "
-          f"({inside['calls'] // args.repeats} forward calls, {1e6 * inside['s'] / max(inside['calls'], 1):.0f} us each)")
+    print(
+        f"model {args.model}, {len(prompts)} questions, batch {args.batch_size}, {args.max_new_tokens} new tokens"
+        f"{' (fixed length)' if args.fixed_length else ' (batch stops when every answer has ended)'}, "
+        f"policy {'random SLIM (layer %d)' % policy.layer if not args.policy else args.policy}, "
+        f"kappa {policy.kappa:g}, {torch.get_num_threads()} torch threads, {args.repeats} repeats"
+    )
+    print(
+        f"unintervened : {t_plain:7.2f} s a pass  ({t_plain / len(prompts):.3f} s a question, "
+        f"{sum(plain_tokens)} decoded tokens, {ms_plain:.2f} ms a token)"
+    )
+    print(
+        f"with SLIM    : {t_edit:7.2f} s a pass  ({t_edit / len(prompts):.3f} s a question, "
+        f"{sum(edited_tokens)} decoded tokens, {ms_edit:.2f} ms a token)"
+    )
+    print(
+        f"overhead     : {100 * (med - 1):+.1f} % a decoded token, median of {len(ratios)} paired batches "
+        f"(quartiles {100 * (q1 - 1):+.1f} % to {100 * (q3 - 1):+.1f} %); means {100 * (t_edit / t_plain - 1):+.1f} %"
+    )
+    print(
+        f"inside edit  : {1e3 * t_inside:.1f} ms a pass = {100 * t_inside / t_edit:.2f} % of the edited time "
+        f"({inside['calls'] // args.repeats} forward calls, {1e6 * inside['s'] / max(inside['calls'], 1):.0f} us each)"
+    )
     print(f"tokens       : {same}/{len(prompts)} generations identical to the unintervened ones")
+
 
 if __name__ == "__main__":
     main()

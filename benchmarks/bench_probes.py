@@ -28,11 +28,19 @@ parser.add_argument("--n-train", type=int, default=4700)
 parser.add_argument("--n-val", type=int, default=1200)
 parser.add_argument("--epochs", type=int, default=1000)
 parser.add_argument("--loss-type", default="risk", choices=["risk", "cross_entropy", "l2"])
-parser.add_argument("--loop-probes", type=int, default=10,
-                    help="probes the reference loop trains; its time is extrapolated to all P (0 = skip)")
+parser.add_argument(
+    "--loop-probes",
+    type=int,
+    default=10,
+    help="probes the reference loop trains; its time is extrapolated to all P (0 = skip)",
+)
 parser.add_argument("--block-size", type=int, default=None, help="probes per batched block (default: auto)")
-parser.add_argument("--jobs", type=int, default=None,
-                    help="blocks trained at once by the batched trainer (default: torch's thread count)")
+parser.add_argument(
+    "--jobs",
+    type=int,
+    default=None,
+    help="blocks trained at once by the batched trainer (default: torch's thread count)",
+)
 parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 parser.add_argument("--seed", type=int, default=0)
 args = parser.parse_args()
@@ -55,11 +63,15 @@ def make(n):
 
 X, y = make(args.n_train)
 X_val, y_val = make(args.n_val)
-print(f"problem: P = {L} x {H} = {P} probes, d = {d}, {args.n_train} train / {args.n_val} val rows, "
-      f"{args.epochs} epochs, loss {args.loss_type}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+print(
+    f"problem: P = {L} x {H} = {P} probes, d = {d}, {args.n_train} train / {args.n_val} val rows, "
+    f"{args.epochs} epochs, loss {args.loss_type}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+)
 
-print(f"machine: {os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.1f} "
-      "(wall times stretch when other processes share the cores; CPU times less so)")
+print(
+    f"machine: {os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.1f} "
+    "(wall times stretch when other processes share the cores; CPU times less so)"
+)
 
 
 class Timer:
@@ -82,10 +94,13 @@ RiskAwareProbes(epochs=3).fit(X[:50, :1], y[:50], X_val[:50, :1], y_val[:50])
 # -----------------------------------------------------------------------------
 # batched: every probe at once
 with Timer() as tb:
-    probes = RiskAwareProbes(loss_type=args.loss_type, epochs=args.epochs, seed=args.seed,
-                             block_size=args.block_size, n_jobs=args.jobs).fit(X, y, X_val, y_val)
-print(f"batched: wall {tb.wall:.1f} s, CPU {tb.cpu:.1f} s for all {P} probes "
-      f"(mean best val loss {probes.best_val_loss_.mean():.4f})")
+    probes = RiskAwareProbes(
+        loss_type=args.loss_type, epochs=args.epochs, seed=args.seed, block_size=args.block_size, n_jobs=args.jobs
+    ).fit(X, y, X_val, y_val)
+print(
+    f"batched: wall {tb.wall:.1f} s, CPU {tb.cpu:.1f} s for all {P} probes "
+    f"(mean best val loss {probes.best_val_loss_.mean():.4f})"
+)
 
 # -----------------------------------------------------------------------------
 # reference loop: one probe at a time, data preparation included as in the batched run
@@ -98,14 +113,15 @@ if K > 0:
         for p in range(K):
             x = torch.from_numpy(Xf[:, p].astype(np.float32))
             xv = torch.from_numpy(Xvf[:, p].astype(np.float32))
-            w, b, epoch, _ = fit_one_probe(x, y, xv, y_val, w0[p], b0[p], loss_type=args.loss_type,
-                                           epochs=args.epochs)
+            w, b, epoch, _ = fit_one_probe(x, y, xv, y_val, w0[p], b0[p], loss_type=args.loss_type, epochs=args.epochs)
             max_diff = max(max_diff, (w - probes.coef_[p]).abs().max().item())
             same_epoch += epoch == int(probes.best_epoch_[p])
     scale = P / K
     how = "measured" if K == P else f"EXTRAPOLATED from {K} of {P} probes (x {scale:.1f})"
     print(f"loop:    wall {tl.wall * scale:.1f} s, CPU {tl.cpu * scale:.1f} s for all {P} probes, {how}")
     print(f"speed-up of batched over loop: wall {tl.wall * scale / tb.wall:.1f}x, CPU {tl.cpu * scale / tb.cpu:.1f}x")
-    print(f"on the {K} looped probes (float32): max |weight difference| {max_diff:.2e}, "
-          f"same checkpoint epoch for {same_epoch} of {K}")
+    print(
+        f"on the {K} looped probes (float32): max |weight difference| {max_diff:.2e}, "
+        f"same checkpoint epoch for {same_epoch} of {K}"
+    )
 print(f"load average after: {os.getloadavg()[0]:.1f}")

@@ -34,8 +34,11 @@ from slim.metrics import sem_scores  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tqa_dir", default=None, help="folder with TruthfulQA.csv and finetune_*.jsonl "
-                                                   "(default: SLIM_TQA_DIR, else the cache)")
+    p.add_argument(
+        "--tqa_dir",
+        default=None,
+        help="folder with TruthfulQA.csv and finetune_*.jsonl (default: SLIM_TQA_DIR, else the cache)",
+    )
     p.add_argument("--cache_dir", default=None, help="judge cache (default: $SLIM_CACHE/judges)")
     p.add_argument("--kinds", nargs="+", default=["truth", "info"], choices=["truth", "info"])
     p.add_argument("--n_splits", type=int, default=5)
@@ -51,8 +54,12 @@ def baseline(kind: str, judge: OfflineJudge, questions, answers) -> np.ndarray:
     refs = load_references(judge.tqa_dir)
     verdict = np.ones(len(answers), dtype=bool)
     known = [i for i, q in enumerate(questions) if q in refs]
-    q_scores, _ = sem_scores(judge.store, [answers[i] for i in known], [refs[questions[i]].correct for i in known],
-                             [refs[questions[i]].incorrect for i in known])
+    q_scores, _ = sem_scores(
+        judge.store,
+        [answers[i] for i in known],
+        [refs[questions[i]].correct for i in known],
+        [refs[questions[i]].incorrect for i in known],
+    )
     verdict[known] = q_scores >= 0
     return verdict
 
@@ -80,20 +87,28 @@ def main(argv=None) -> int:
             cached = judge.model_path().exists()
             t0 = time.time()
             judge.ensure_ready()
-            lines.append(f"{kind}: full judge {'loaded' if cached else 'trained'} in {time.time() - t0:.0f}s "
-                         f"({judge.model_path()})")
+            lines.append(
+                f"{kind}: full judge {'loaded' if cached else 'trained'} in {time.time() - t0:.0f}s "
+                f"({judge.model_path()})"
+            )
         questions, answers, labels, _ = load_judge_data(kind, args.tqa_dir)
         t0 = time.time()
         scores, per_fold = cross_validate(judge, questions, answers, labels, args.n_splits)
         cv_time = time.time() - t0
         rule = baseline(kind, judge, questions, answers)
         n_q = len(set(questions))
-        lines.append(f"{kind}: {len(labels)} rows, {n_q} questions, {labels.mean():.1%} 'yes'; "
-                     f"{args.n_splits}-fold GroupKFold by question ({cv_time:.0f}s)")
-        for name, verdict in (("offline judge", scores > 0.5),
-                              ("SEM rule Q>=0" if kind == "truth" else "not empty/refusal rule", rule)):
-            lines.append(f"  {name:<24} accuracy {accuracy_score(labels, verdict):.3f}  "
-                         f"balanced accuracy {balanced_accuracy_score(labels, verdict):.3f}")
+        lines.append(
+            f"{kind}: {len(labels)} rows, {n_q} questions, {labels.mean():.1%} 'yes'; "
+            f"{args.n_splits}-fold GroupKFold by question ({cv_time:.0f}s)"
+        )
+        for name, verdict in (
+            ("offline judge", scores > 0.5),
+            ("SEM rule Q>=0" if kind == "truth" else "not empty/refusal rule", rule),
+        ):
+            lines.append(
+                f"  {name:<24} accuracy {accuracy_score(labels, verdict):.3f}  "
+                f"balanced accuracy {balanced_accuracy_score(labels, verdict):.3f}"
+            )
         lines.append(f"  offline judge balanced accuracy per fold: {' '.join(f'{b:.3f}' for b in per_fold)}")
     print("\n".join(lines))
     return 0

@@ -1,16 +1,86 @@
 """SLIM: semantically-consistent, distributional intervention policies for language models.
 
-One module per concern:
-    data          TruthfulQA loading (file, cache or checked download), probe texts, fold splits
+One module per concern, in pipeline order:
+    config        typed settings of every stage (checked once) and ParameterError
+    layout        every output path of a run (RunLayout)
+    data          TruthfulQA loading (file, cache or checked download), probe texts, folds
     models        model registry and loading (hub ids, local folders, the offline SmolLM2 default)
-    heads         the head-activation context manager (read / edit the attention-output input)
-    activations   batched last-token extraction with an on-disk cache
+    heads         the head-activation context manager and the attention-output layout of any decoder
+    activations   batched last-token extraction with an on-disk cache; probe data
     probes        risk-aware head probes trained all at once, the layer detector
+    stage1        per-fold probes, the per-layer metrics and the edited layer
     gaussian_ot   the exact head-wise chance-constrained SDP and the Gaussian OT map
-    interventions SLIM, ITI and MiMiC-style policies
+    interventions SLIM, ITI and MiMiC-style policies (attach, save, load)
+    fit           fitting the policies from a fold's activations
     generation    TruthfulQA prompting and batched greedy decoding
     judges        truth / informativeness judges (OpenAI API, local LM, offline)
-    metrics       True*Info, SEM, MC1/MC2, CE/KL, degeneracy
+    metrics       True*Info, SEM, MC1/MC2, CE/KL, degeneracy, summaries
+    evaluation    answering and scoring a method on every fold, the summary files
+    sweep         choosing a knob from validation summaries
+    reports       figures and the comparison table
 """
 
 __version__ = "0.1.0"
+
+from .activations import ProbeData, cached_head_activations, load_probe_data
+from .config import DataConfig, EvalConfig, ITIConfig, ParameterError, ProbeConfig, SlimConfig
+from .data import load_truthfulqa, probe_texts, questions_and_folds
+from .evaluation import evaluate_method, load_scorers
+from .fit import fit_iti, fit_mimic, fit_slim, iti_for_fold, slim_for_fold
+from .generation import answer_questions, extract_answer, generate_greedy, qa_prompt
+from .heads import HeadLayout, HeadTrace, model_shape, set_head_layout
+from .interventions import ITIPolicy, MimicPolicy, Policy, SlimPolicy, model_fingerprint
+from .judges import make_judge
+from .layout import RunLayout
+from .models import LoadedModel, load_model
+from .probes import RiskAwareProbes
+from .stage1 import chosen_layers, fit_stage1, layer_table
+
+__all__ = [
+    # settings and files
+    "DataConfig",
+    "ProbeConfig",
+    "SlimConfig",
+    "ITIConfig",
+    "EvalConfig",
+    "ParameterError",
+    "RunLayout",
+    # data and models
+    "load_truthfulqa",
+    "questions_and_folds",
+    "probe_texts",
+    "load_model",
+    "LoadedModel",
+    # head-wise access and activations
+    "HeadTrace",
+    "HeadLayout",
+    "set_head_layout",
+    "model_shape",
+    "cached_head_activations",
+    "load_probe_data",
+    "ProbeData",
+    # stage 1
+    "RiskAwareProbes",
+    "fit_stage1",
+    "chosen_layers",
+    "layer_table",
+    # policies
+    "Policy",
+    "SlimPolicy",
+    "ITIPolicy",
+    "MimicPolicy",
+    "model_fingerprint",
+    "fit_slim",
+    "fit_iti",
+    "fit_mimic",
+    "slim_for_fold",
+    "iti_for_fold",
+    # answering and scoring
+    "qa_prompt",
+    "generate_greedy",
+    "answer_questions",
+    "extract_answer",
+    "make_judge",
+    "load_scorers",
+    "evaluate_method",
+]

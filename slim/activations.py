@@ -15,25 +15,28 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .data import PROBE_TEXT_FORMAT, probe_texts
+from .heads import HeadTrace, left_padded_positions, model_shape
 from .io import write_json
-from .heads import HeadTrace, left_padded_positions
-from .models import model_shape
 
 # Bump when the extraction itself changes (what is stored, not how fast).
 EXTRACTION_VERSION = 1
-DEFAULT_PROMPT_FORMAT = "Q: {question} A: {answer}"
 
 
 @torch.no_grad()
-def last_token_head_activations(model, tokenizer, texts: list[str], layers=None,
-                                device: torch.device | str = "cpu") -> np.ndarray:
+def last_token_head_activations(
+    model, tokenizer, texts: list[str], layers=None, device: torch.device | str = "cpu"
+) -> np.ndarray:
     """(batch, layers, heads, head_dim) float32 activations at each text's last token, one forward pass."""
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     input_ids = enc["input_ids"].to(device)
@@ -41,8 +44,12 @@ def last_token_head_activations(model, tokenizer, texts: list[str], layers=None,
     trace = HeadTrace(model, layers=layers, record="last", stop_after_last=True)
     with trace:
         # The base model skips the final norm and LM head, which we do not need.
-        model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=left_padded_positions(attention_mask), use_cache=False)
+        model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=left_padded_positions(attention_mask),
+            use_cache=False,
+        )
     stacked = torch.stack([trace.activations[l] for l in trace.layers], dim=1)  # (batch, layers, heads, d)
     return stacked.float().cpu().numpy()
 
@@ -55,50 +62,72 @@ def texts_digest(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _paths(cache_dir: Path, model_name: str, dataset_name: str) -> tuple[Path, Path]:
-    stem = f"{model_name.replace('/', '_')}_{dataset_name}_head_wise"
-    return cache_dir / f"{stem}.npy", cache_dir / f"{stem}.json"
-
-
-def _manifest(texts, model_name, dataset_name, prompt_format) -> dict:
+def _manifest(texts, model_name, dataset_name, text_format) -> dict:
     return {
-        "model": model_name, "dataset": dataset_name, "prompt_format": prompt_format, "dtype": "float16",
-        "rows": len(texts), "position": "last token", "site": "input of the attention output projection",
-        "texts_sha256": texts_digest(texts), "code_version": f"slim {__version__} / extraction {EXTRACTION_VERSION}",
+        "model": model_name,
+        "dataset": dataset_name,
+        "prompt_format": text_format,
+        "dtype": "float16",
+        "rows": len(texts),
+        "position": "last token",
+        "site": "input of the attention output projection",
+        "texts_sha256": texts_digest(texts),
+        "code_version": f"slim {__version__} / extraction {EXTRACTION_VERSION}",
     }
 
 
-def load_cached_activations(texts: list[str], cache_dir, model_name: str, dataset_name: str,
-                            prompt_format: str = DEFAULT_PROMPT_FORMAT) -> np.ndarray | None:
-    """The finished cache for exactly these texts, or None (no model needed to look)."""
-    array_path, manifest_path = _paths(Path(cache_dir), model_name, dataset_name)
+def load_cached_activations(
+    texts: list[str], path: str | os.PathLike, model_name: str, dataset_name: str, text_format: str = PROBE_TEXT_FORMAT
+) -> np.ndarray | None:
+    """The finished cache at `path` (.npy) for exactly these texts, or None (no model needed to look)."""
+    array_path = Path(path)
+    manifest_path = array_path.with_suffix(".json")
     if not (manifest_path.exists() and array_path.exists()):
         return None
     old = json.loads(manifest_path.read_text())
-    expected = _manifest(texts, model_name, dataset_name, prompt_format)
+    expected = _manifest(texts, model_name, dataset_name, text_format)
     if {k: old.get(k) for k in expected} != expected or old.get("rows_done", 0) < len(texts):
         return None
     return np.load(array_path, mmap_mode="r")
 
 
-def cached_head_activations(model, tokenizer, texts: list[str], cache_dir: str | os.PathLike, model_name: str,
-                            dataset_name: str, prompt_format: str = DEFAULT_PROMPT_FORMAT,
-                            batch_size: int = 16, device: torch.device | str = "cpu",
-                            progress: bool = True) -> np.ndarray:
-    """All-layer last-token activations for `texts`, from the cache when it matches.
+def cached_head_activations(
+    model,
+    tokenizer,
+    texts: list[str],
+    path: str | os.PathLike,
+    model_name: str,
+    dataset_name: str,
+    text_format: str = PROBE_TEXT_FORMAT,
+    batch_size: int = 16,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> np.ndarray:
+    """All-layer last-token activations for `texts`, cached at `path` (.npy, manifest .json beside it).
 
     Returns a read-only memory map of shape (N, L, H, d), float16. The manifest
-    records model, dataset, prompt format, dtype, row count, a digest of the
-    texts and the code version; any mismatch recomputes from scratch.
+    records model, dataset, the texts' format, dtype, row count, a digest of
+    the texts and the code version; any mismatch recomputes from scratch.
     """
     if len(texts) == 0:
         raise ValueError("no texts to extract activations for.")
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    array_path, manifest_path = _paths(cache_dir, model_name, dataset_name)
-    with _exclusive(manifest_path.with_suffix(".lock")):
-        return _fill_cache(model, tokenizer, texts, array_path, manifest_path, model_name, dataset_name,
-                           prompt_format, batch_size, device, progress)
+    array_path = Path(path)
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path = array_path.with_suffix(".json")
+    with _exclusive(array_path.with_suffix(".lock")):
+        return _fill_cache(
+            model,
+            tokenizer,
+            texts,
+            array_path,
+            manifest_path,
+            model_name,
+            dataset_name,
+            text_format,
+            batch_size,
+            device,
+            progress,
+        )
 
 
 @contextlib.contextmanager
@@ -108,19 +137,34 @@ def _exclusive(lock_path: Path):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another process is extracting into {lock_path.with_suffix('.npy')}: "
-                               "wait for it to finish (it resumes if stopped).") from None
+            raise RuntimeError(
+                f"another process is extracting into {lock_path.with_suffix('.npy')}: "
+                "wait for it to finish (it resumes if stopped)."
+            ) from None
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _fill_cache(model, tokenizer, texts, array_path, manifest_path, model_name, dataset_name, prompt_format,
-                batch_size, device, progress) -> np.ndarray:
+def _fill_cache(
+    model,
+    tokenizer,
+    texts,
+    array_path,
+    manifest_path,
+    model_name,
+    dataset_name,
+    text_format,
+    batch_size,
+    device,
+    progress,
+) -> np.ndarray:
     n_layers, n_heads, head_dim = model_shape(model)
-    manifest = {**_manifest(texts, model_name, dataset_name, prompt_format),
-                "shape": [len(texts), n_layers, n_heads, head_dim]}
+    manifest = {
+        **_manifest(texts, model_name, dataset_name, text_format),
+        "shape": [len(texts), n_layers, n_heads, head_dim],
+    }
     # Long texts first and similar lengths together: less padding, and the
     # first batch shows the worst-case memory at once.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -136,11 +180,12 @@ def _fill_cache(model, tokenizer, texts, array_path, manifest_path, model_name, 
         write_json(manifest_path, {**manifest, "rows_done": 0})
     else:
         array = np.load(array_path, mmap_mode="r+")
-    with tqdm(total=len(texts), initial=done, desc=f"activations {dataset_name}", disable=not progress,
-              unit="text") as bar:
+    with tqdm(
+        total=len(texts), initial=done, desc=f"activations {dataset_name}", disable=not progress, unit="text"
+    ) as bar:
         for start in range(done, len(texts), batch_size):
             t0 = time.perf_counter()
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             acts = last_token_head_activations(model, tokenizer, [texts[i] for i in rows], device=device)
             array[rows] = acts.astype(np.float16)  # back in the texts' own order
             array.flush()  # the rows are on disk before the manifest says so
@@ -149,3 +194,47 @@ def _fill_cache(model, tokenizer, texts, array_path, manifest_path, model_name, 
             bar.update(len(rows))
     del array
     return np.load(array_path, mmap_mode="r")
+
+
+@dataclass
+class ProbeData:
+    """Probe texts with their cached activations."""
+
+    texts: pd.DataFrame  # question_idx, text, truthful, label (1 = undesirable)
+    activations: np.ndarray  # (N, L, H, d) float16 memory map
+    features_id: str  # what the activations are: run tag, dataset and a digest of the texts
+
+    def rows_of(self, question_idx: np.ndarray) -> np.ndarray:
+        """Row indices of the texts that belong to the given questions."""
+        return np.flatnonzero(self.texts["question_idx"].isin(set(np.asarray(question_idx).tolist())).to_numpy())
+
+
+def load_probe_data(
+    questions: pd.DataFrame,
+    dataset_name: str,
+    path: str | os.PathLike,
+    run_tag: str,
+    load_model: Callable[[], object],
+    batch_size: int = 16,
+) -> ProbeData:
+    """The probe texts of `questions` and their activations, read from `path` or extracted there.
+
+    `load_model()` returns a loaded model (slim.models.LoadedModel); it is only
+    called when the cache is missing or stale.
+    """
+    texts = probe_texts(questions, dataset_name)
+    text_list = texts["text"].tolist()
+    acts = load_cached_activations(text_list, path, run_tag, dataset_name)
+    if acts is None:
+        lm = load_model()
+        acts = cached_head_activations(
+            lm.model,
+            lm.tokenizer,
+            text_list,
+            path,
+            model_name=run_tag,
+            dataset_name=dataset_name,
+            batch_size=batch_size,
+            device=lm.device,
+        )
+    return ProbeData(texts, acts, f"{run_tag}/{dataset_name}/{texts_digest(text_list)}")

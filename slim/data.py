@@ -17,20 +17,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import DATASETS, DataConfig, ParameterError
 from .io import write_csv
 from .models import cache_root
 
 # File name in the cache -> (path in the public repository, sha256).
 TQA_FILES = {
-    "TruthfulQA.csv": ("TruthfulQA.csv",
-                       "99d6ae7755e3b435eade956068c9de7c0c474770344237aeb66b56519ba4b697"),
-    "finetune_truth.jsonl": ("data/finetune_truth.jsonl",
-                             "8e81d9f0dc592e26fb0d37106126e489d39ac75099828b1f2c8142f3ede60c6b"),
-    "finetune_info.jsonl": ("data/finetune_info.jsonl",
-                            "b8e00e379f3aefcdb01b93886e67e0991ca90b5fdd389c0be4be2f5f00c07ec3"),
+    "TruthfulQA.csv": ("TruthfulQA.csv", "99d6ae7755e3b435eade956068c9de7c0c474770344237aeb66b56519ba4b697"),
+    "finetune_truth.jsonl": (
+        "data/finetune_truth.jsonl",
+        "8e81d9f0dc592e26fb0d37106126e489d39ac75099828b1f2c8142f3ede60c6b",
+    ),
+    "finetune_info.jsonl": (
+        "data/finetune_info.jsonl",
+        "b8e00e379f3aefcdb01b93886e67e0991ca90b5fdd389c0be4be2f5f00c07ec3",
+    ),
 }
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/sylinrl/TruthfulQA/main/"
-DATASETS = ("tqa_mc2", "tqa_gen_end_q")
+# The probe texts: every reference answer after its question (recorded in the activation cache's manifest).
+PROBE_TEXT_FORMAT = "Q: {question} A: {answer}"
 
 
 class DataUnavailableError(RuntimeError):
@@ -55,21 +60,29 @@ def download_file(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> P
                 out.write(block)
         got = sha256_of(Path(tmp))
         if got != sha256:
-            raise DataUnavailableError(f"{url} failed its checksum (sha256 {got[:12]}..., expected "
-                                       f"{sha256[:12]}...): the copy was discarded; check SLIM_TQA_BASE_URL.")
+            raise DataUnavailableError(
+                f"{url} failed its checksum (sha256 {got[:12]}..., expected "
+                f"{sha256[:12]}...): the copy was discarded; check SLIM_TQA_BASE_URL."
+            )
         os.replace(tmp, dest)
         return dest
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise DataUnavailableError(f"could not download {url} ({reason}): pass --tqa_dir or set SLIM_TQA_DIR "
-                                   "to a folder holding TruthfulQA.csv.") from None
+        raise DataUnavailableError(
+            f"could not download {url} ({reason}): pass --tqa_dir or set SLIM_TQA_DIR "
+            "to a folder holding TruthfulQA.csv."
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def find_truthfulqa_file(name: str = "TruthfulQA.csv", path: str | os.PathLike | None = None,
-                         base_url: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+def find_truthfulqa_file(
+    name: str = "TruthfulQA.csv",
+    path: str | os.PathLike | None = None,
+    base_url: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
     """Path of one TruthfulQA file: explicit path, SLIM_TQA_DIR, cache, or a checked download."""
     if name not in TQA_FILES:
         raise ValueError(f"unknown TruthfulQA file {name!r}: use one of {', '.join(TQA_FILES)}.")
@@ -80,8 +93,9 @@ def find_truthfulqa_file(name: str = "TruthfulQA.csv", path: str | os.PathLike |
         if explicit.is_file() and name == "TruthfulQA.csv":
             candidate = explicit  # a CSV passed directly, whatever its file name
         if not candidate.is_file():
-            raise DataUnavailableError(f"{candidate} does not exist: point --tqa_dir / SLIM_TQA_DIR at the folder "
-                                       f"holding {name}.")
+            raise DataUnavailableError(
+                f"{candidate} does not exist: point --tqa_dir / SLIM_TQA_DIR at the folder holding {name}."
+            )
         return candidate
     cache = Path(cache_dir) if cache_dir else cache_root() / "truthfulqa"
     cached = cache / name
@@ -94,10 +108,13 @@ def find_truthfulqa_file(name: str = "TruthfulQA.csv", path: str | os.PathLike |
     return download_file(base.rstrip("/") + "/" + remote_path, cached, sha256)
 
 
-def _split_answers(cell) -> list[str]:
-    if not isinstance(cell, str):
+def split_answers(cell) -> list[str]:
+    """Reference answers given as TruthfulQA's "; "-separated string or as a list; blanks dropped."""
+    if isinstance(cell, str):
+        cell = cell.split("; ")
+    elif not isinstance(cell, (list, tuple)):
         return []
-    return [a.strip() for a in cell.split("; ") if a.strip()]
+    return [a.strip() for a in cell if isinstance(a, str) and a.strip()]
 
 
 def load_truthfulqa(path=None, **kw) -> pd.DataFrame:
@@ -108,13 +125,13 @@ def load_truthfulqa(path=None, **kw) -> pd.DataFrame:
     if missing:
         raise DataUnavailableError(f"{csv} is not the TruthfulQA CSV (missing columns {sorted(missing)}).")
     df["Question"] = df["Question"].str.strip()  # one question carries a trailing space
-    df["Correct Answers"] = df["Correct Answers"].map(_split_answers)
-    df["Incorrect Answers"] = df["Incorrect Answers"].map(_split_answers)
+    df["Correct Answers"] = df["Correct Answers"].map(split_answers)
+    df["Incorrect Answers"] = df["Incorrect Answers"].map(split_answers)
     return df.reset_index(drop=True)
 
 
 def format_qa(question: str, answer: str) -> str:
-    return f"Q: {question} A: {answer}"
+    return PROBE_TEXT_FORMAT.format(question=question, answer=answer)
 
 
 def probe_texts(df: pd.DataFrame, dataset_name: str = "tqa_mc2", seed: int = 0) -> pd.DataFrame:
@@ -141,19 +158,17 @@ def probe_texts(df: pd.DataFrame, dataset_name: str = "tqa_mc2", seed: int = 0) 
     return pd.DataFrame(rows, columns=["question_idx", "text", "truthful", "label"])
 
 
-def fold_split(n_questions: int, num_fold: int, fold: int, val_ratio: float = 0.2,
-               seed: int = 42) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fold_split(
+    n_questions: int, num_fold: int, fold: int, val_ratio: float = 0.2, seed: int = 42
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train, val, test) question indices of one fold, as the published scripts draw them.
 
     Test is the fold-th contiguous part of the questions; the rest is split at
     random into train (1 - val_ratio) and val.
     """
-    if num_fold < 2:
-        raise ValueError(f"--num_fold must be at least 2, got {num_fold}.")
+    DataConfig(num_fold=num_fold, val_ratio=val_ratio)  # checks both
     if not 0 <= fold < num_fold:
-        raise ValueError(f"fold {fold} is out of range for --num_fold {num_fold}.")
-    if not 0 < val_ratio < 1:
-        raise ValueError(f"--val_ratio must lie in (0, 1), got {val_ratio}.")
+        raise ValueError(f"fold {fold} is out of range for num_fold {num_fold}.")
     parts = np.array_split(np.arange(n_questions), num_fold)
     test = parts[fold]
     rest = np.concatenate([p for i, p in enumerate(parts) if i != fold])
@@ -163,8 +178,9 @@ def fold_split(n_questions: int, num_fold: int, fold: int, val_ratio: float = 0.
     return train, val, test
 
 
-def save_fold_splits(df: pd.DataFrame, out_dir: Path, num_fold: int, val_ratio: float = 0.2,
-                     seed: int = 42) -> dict[int, dict[str, Path]]:
+def save_fold_splits(
+    df: pd.DataFrame, out_dir: Path, num_fold: int, val_ratio: float = 0.2, seed: int = 42
+) -> dict[int, dict[str, Path]]:
     """Write `fold_{k}_{train,val,test}_seed_{seed}.csv` so every stage and method uses the same questions."""
     out_dir = Path(out_dir)
     written = {}
@@ -178,3 +194,32 @@ def save_fold_splits(df: pd.DataFrame, out_dir: Path, num_fold: int, val_ratio: 
                 part[key] = part[key].map("; ".join)
             written[fold][split] = write_csv(part, out_dir / f"fold_{fold}_{split}_seed_{seed}.csv")
     return written
+
+
+def load_questions(cfg: DataConfig) -> pd.DataFrame:
+    """TruthfulQA's questions, or the first `cfg.n_questions` of them."""
+    df = load_truthfulqa(cfg.tqa_dir)
+    if cfg.n_questions is not None:
+        if cfg.n_questions > len(df):
+            raise ParameterError("n_questions", f"must lie in {2 * cfg.num_fold}..{len(df)}, got {cfg.n_questions}.")
+        df = df.iloc[: cfg.n_questions].copy()
+    return df
+
+
+def make_folds(n_questions: int, cfg: DataConfig) -> list[dict[str, np.ndarray]]:
+    """Per fold, the train / val / test question indices."""
+    folds = []
+    for fold in range(cfg.num_fold):
+        train, val, test = fold_split(n_questions, cfg.num_fold, fold, cfg.val_ratio, cfg.seed)
+        folds.append({"train": train, "val": val, "test": test})
+    return folds
+
+
+def questions_and_folds(
+    cfg: DataConfig, splits_dir: str | os.PathLike | None = None
+) -> tuple[pd.DataFrame, list[dict[str, np.ndarray]]]:
+    """The questions and their folds; with `splits_dir` the splits are also written there as CSV."""
+    df = load_questions(cfg)
+    if splits_dir is not None:
+        save_fold_splits(df, Path(splits_dir), cfg.num_fold, cfg.val_ratio, cfg.seed)
+    return df, make_folds(len(df), cfg)

@@ -37,25 +37,21 @@ A = R^-1 (R S*^2 R)^(1/2) R^-1 and b = mu* - A mu_hat.
 """
 
 import json
+import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from .io import atomic_path
+from .config import check_gamma
+from .io import atomic_path, json_default
+
+log = logging.getLogger(__name__)
 
 # -----------------------------------------------------------------------------
 # input checks (one-line ValueErrors; other modules rely on the messages)
-
-
-def _check_gamma(gamma):
-    g = float(gamma)
-    if not (0.0 < g < 0.5):  # also rejects NaN
-        raise ValueError(f"gamma must lie in (0, 0.5), got {gamma!r}")
-    return g
 
 
 def _as_float_array(x, name, ndim=None):
@@ -146,8 +142,13 @@ def _solve_reduced(mu_hat, R, theta, theta0, q):
     S_star = R - shrink_a * np.outer(u, u) - shrink_b * (np.outer(v, u) + np.outer(u, v))
     S_star = 0.5 * (S_star + S_star.T)
     objective = (c / n) ** 2 + shrink_a**2 + 2.0 * beta2 * shrink_b**2
-    diag = dict(t=float(t), s_star=float(t * width(t)), rho=rho, objective=float(objective),
-                margin_before=float(m + q * n * rho))
+    diag = dict(
+        t=float(t),
+        s_star=float(t * width(t)),
+        rho=rho,
+        objective=float(objective),
+        margin_before=float(m + q * n * rho),
+    )
     return mu_star, S_star, diag
 
 
@@ -163,8 +164,7 @@ def _solve_head(mu_hat, R, theta, theta0, q):
         margin = theta0 + theta @ mu_hat + q * n * rho
 
     if margin <= 0.0:  # already classified desirable with probability >= 1 - gamma
-        info = dict(status="identity_feasible", objective=0.0, t=1.0, s_star=rho, rho=rho,
-                    margin_before=float(margin))
+        info = dict(status="identity_feasible", objective=0.0, t=1.0, s_star=rho, rho=rho, margin_before=float(margin))
         return mu_hat.copy(), R.copy(), info
     mu_star, S_star, info = _solve_reduced(mu_hat, R, theta, theta0, q)
     info["status"] = "moved"
@@ -172,7 +172,7 @@ def _solve_head(mu_hat, R, theta, theta0, q):
 
 
 def _check_head_inputs(mu_hat, sigma_hat, theta, theta0, gamma):
-    gamma = _check_gamma(gamma)
+    gamma = check_gamma(gamma)
     mu_hat = _as_float_array(mu_hat, "mu_hat", ndim=1)
     d = mu_hat.shape[0]
     sigma_hat = _check_symmetric(sigma_hat, "sigma_hat", d)
@@ -358,7 +358,7 @@ def fit_head_map(acts, theta, theta0, gamma, min_samples=None, cov="ledoit_wolf"
     -------
     HeadMap with status "moved", "identity_feasible" or "identity_too_few".
     """
-    gamma = _check_gamma(gamma)
+    gamma = check_gamma(gamma)
     acts = _as_float_array(acts, "acts", ndim=2)
     n, d = acts.shape
     theta = _check_vector(theta, "theta", d)
@@ -367,8 +367,7 @@ def fit_head_map(acts, theta, theta0, gamma, min_samples=None, cov="ledoit_wolf"
 
     info = dict(n_samples=int(n), status=None, cov=cov, shrinkage=None, ridge=None, gamma=gamma)
     if n < need:
-        warnings.warn(f"{name}: {n} predicted-undesirable samples < min_samples={need}; using the identity map",
-                      stacklevel=2)
+        log.warning("%s: %d predicted-undesirable samples < min_samples=%d; using the identity map", name, n, need)
         info["status"] = "identity_too_few"
         return _identity_head(d, info)
 
@@ -380,9 +379,12 @@ def fit_head_map(acts, theta, theta0, gamma, min_samples=None, cov="ledoit_wolf"
         info["status"] = "identity_feasible"
         return _identity_head(d, info)
 
-    info.update(status="moved", objective=sol["objective"],
-                mu_shift_norm=float(np.linalg.norm(sol["mu_star"] - mu_hat)),
-                A_minus_I_fro=float(np.linalg.norm(A - np.eye(d))))
+    info.update(
+        status="moved",
+        objective=sol["objective"],
+        mu_shift_norm=float(np.linalg.norm(sol["mu_star"] - mu_hat)),
+        A_minus_I_fro=float(np.linalg.norm(A - np.eye(d))),
+    )
     return HeadMap(A, b, info)
 
 
@@ -400,7 +402,7 @@ def fit_layer_maps(acts, weight, bias, gamma, **kw):
     -------
     A (H, d, d) float32, b (H, d) float32, infos list of H dicts (with "head").
     """
-    gamma = _check_gamma(gamma)
+    gamma = check_gamma(gamma)
     acts = _as_float_array(acts, "acts", ndim=3)
     N, H, d = acts.shape
     weight = _as_float_array(weight, "weight", ndim=2)
@@ -426,14 +428,6 @@ def fit_layer_maps(acts, weight, bias, gamma, **kw):
 # safetensors I/O (no pickle): arrays as tensors, infos/meta as JSON metadata
 
 
-def _json_default(x):
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
 def save_layer_maps(path, A, b, infos, meta):
     """Write A (H, d, d), b (H, d), infos and meta to a safetensors file, atomically."""
     from safetensors.numpy import save_file
@@ -441,8 +435,10 @@ def save_layer_maps(path, A, b, infos, meta):
     A, b = np.ascontiguousarray(A), np.ascontiguousarray(b)
     if A.ndim != 3 or A.shape[1] != A.shape[2] or b.shape != A.shape[:2] or len(infos) != A.shape[0]:
         raise ValueError(f"inconsistent shapes: A {A.shape}, b {b.shape}, {len(infos)} infos")
-    metadata = {"infos": json.dumps(list(infos), default=_json_default),
-                "meta": json.dumps(dict(meta), default=_json_default)}
+    metadata = {
+        "infos": json.dumps(list(infos), default=json_default),
+        "meta": json.dumps(dict(meta), default=json_default),
+    }
     with atomic_path(path) as tmp:  # a crash mid-write leaves no truncated file under the real name
         save_file({"A": A, "b": b}, tmp, metadata=metadata)
 
@@ -455,8 +451,3 @@ def load_layer_maps(path):
         metadata = f.metadata() or {}
         A, b = f.get_tensor("A"), f.get_tensor("b")
     return A, b, json.loads(metadata.get("infos", "[]")), json.loads(metadata.get("meta", "{}"))
-
-
-def check_gamma(gamma):
-    """Public form of the gamma check: a float in (0, 0.5) or a one-line ValueError."""
-    return _check_gamma(gamma)

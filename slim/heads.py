@@ -12,60 +12,186 @@ projection sees exactly that input, whatever the attention implementation
 `edit(layer, acts)` receives a (batch, seq, heads, head_dim) view of the
 projection input and may change it in place or return a new tensor of the
 same shape. All hooks are removed on exit, so the model is exactly as before.
+
+Where the projections are is a `HeadLayout`, e.g. `model.layers:self_attn.o_proj`
+(blocks path, projection path inside a block), found by searching the model
+for a ModuleList of blocks that all have one of `COMMON_PROJECTIONS`; other
+layouts take an override (`set_head_layout(model, layout)` or `layout=`).
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+__all__ = [
+    "COMMON_PROJECTIONS",
+    "EditFactory",
+    "EditFn",
+    "HeadLayout",
+    "HeadTrace",
+    "attention_output_projections",
+    "find_head_layout",
+    "left_padded_positions",
+    "model_shape",
+    "set_head_layout",
+]
+
+log = logging.getLogger(__name__)
+
 EditFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+EditFactory = Callable[[nn.Module], AbstractContextManager]  # e.g. policy.attach: model -> context manager
 
-# (path to the list of blocks, path inside a block to the attention output projection)
-_ARCHITECTURES = {
-    "llama": ("model.layers", "self_attn.o_proj"),
-    "mistral": ("model.layers", "self_attn.o_proj"),
-    "qwen2": ("model.layers", "self_attn.o_proj"),
-    "qwen3": ("model.layers", "self_attn.o_proj"),
-    "gemma": ("model.layers", "self_attn.o_proj"),
-    "gemma2": ("model.layers", "self_attn.o_proj"),
-    "phi3": ("model.layers", "self_attn.o_proj"),
-    "gpt2": ("transformer.h", "attn.c_proj"),
-    "gpt_neox": ("gpt_neox.layers", "attention.dense"),
-}
+# In the order tried: Llama, Mistral, Qwen, Gemma | OPT | Phi | Bloom, Falcon | GPT-2 | GPT-NeoX | GPT-J, CodeGen
+COMMON_PROJECTIONS = (
+    "self_attn.o_proj",
+    "self_attn.out_proj",
+    "self_attn.dense",
+    "self_attention.dense",
+    "attn.c_proj",
+    "attention.dense",
+    "attn.out_proj",
+)
+_ATTRIBUTE = "slim_head_layout"  # where set_head_layout stores an override on the model
+_HOW_TO_OVERRIDE = (
+    "pass a layout override (blocks path, projection path), e.g. --head_layout "
+    "model.layers:self_attn.o_proj on the command line or "
+    'slim.heads.set_head_layout(model, "model.layers:self_attn.o_proj") in Python.'
+)
 
 
-def _get(obj: nn.Module, path: str) -> nn.Module:
+@dataclass(frozen=True)
+class HeadLayout:
+    """Dotted path from the model to its decoder blocks, and inside a block to the attention output projection."""
+
+    blocks: str
+    proj: str
+
+    @classmethod
+    def parse(cls, text) -> "HeadLayout":
+        """Parse "model.layers:self_attn.o_proj" (or take a (blocks, proj) pair, or a HeadLayout)."""
+        if isinstance(text, cls):
+            return text
+        joined = ":".join(map(str, text)) if isinstance(text, (tuple, list)) else str(text).strip()
+        if not re.fullmatch(r"\w+(\.\w+)*:\w+(\.\w+)*", joined):
+            raise ValueError(f"head layout {text!r} is not BLOCKS:PROJECTION, e.g. model.layers:self_attn.o_proj.")
+        return cls(*joined.split(":"))
+
+    def __str__(self) -> str:
+        return f"{self.blocks}:{self.proj}"
+
+
+def _get(obj, path: str):
+    """The submodule at a dotted path, or None."""
     for part in path.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, part, None)
     return obj
 
 
-def attention_output_projections(model: nn.Module) -> list[nn.Module]:
+def _config_int(model: nn.Module, *names: str) -> int | None:
+    """The first positive int among model.config.<names> (the text config of a multimodal model)."""
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if callable(getattr(cfg, "get_text_config", None)) else cfg
+    return next((v for v in (getattr(cfg, n, None) for n in names) if isinstance(v, int) and v > 0), None)
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def _search(model: nn.Module) -> HeadLayout | None:
+    """A ModuleList whose every block has one of COMMON_PROJECTIONS (see find_head_layout for ties)."""
+    found = []  # (layout, number of blocks), in module order
+    for path, module in model.named_modules():
+        if path and isinstance(module, nn.ModuleList) and len(module):
+            proj = next(
+                (p for p in COMMON_PROJECTIONS if all(isinstance(_get(block, p), nn.Module) for block in module)), None
+            )
+            if proj is not None:
+                found.append((HeadLayout(path, proj), len(module)))
+    n_layers = _config_int(model, "num_hidden_layers", "n_layer", "num_layers")
+    # max() keeps the first of equals, so ties go to the earliest list in module order.
+    return max(found, key=lambda item: (item[1] == n_layers, item[1]))[0] if found else None
+
+
+def find_head_layout(model: nn.Module, layout=None) -> HeadLayout:
+    """An explicit `layout` wins, then one stored by `set_head_layout`, then a search of the model.
+
+    The search takes the nn.ModuleList inside `model` whose every element has a submodule at one of
+    COMMON_PROJECTIONS; of several, the one with config.num_hidden_layers elements, else the longest.
+    """
+    if layout is not None:
+        return HeadLayout.parse(layout)
+    found = getattr(model, _ATTRIBUTE, None) or _search(model)
+    if found is None:
+        raise ValueError(
+            f"could not find the attention output projection of {_model_type(model)} "
+            f"(tried {', '.join(COMMON_PROJECTIONS)} in every nn.ModuleList): {_HOW_TO_OVERRIDE}"
+        )
+    log.debug("head layout of %s: %s", _model_type(model), found)
+    return found
+
+
+def _projections(model: nn.Module, layout: HeadLayout) -> list[nn.Module]:
+    where = f"head layout {layout} does not fit {_model_type(model)}"
+    blocks = _get(model, layout.blocks)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or not len(blocks):
+        raise ValueError(f"{where}: there is no list of blocks at {layout.blocks!r}; {_HOW_TO_OVERRIDE}")
+    projections = [_get(block, layout.proj) for block in blocks]
+    missing = [i for i, proj in enumerate(projections) if not isinstance(proj, nn.Module)]
+    if missing:
+        raise ValueError(f"{where}: block {missing[0]} has no submodule {layout.proj!r}; {_HOW_TO_OVERRIDE}")
+    return projections
+
+
+def attention_output_projections(model: nn.Module, layout=None) -> list[nn.Module]:
     """The attention output projection of every layer, in order."""
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in _ARCHITECTURES:
-        supported = ", ".join(sorted(_ARCHITECTURES))
-        raise ValueError(f"architecture {model_type!r} is not supported for head-wise edits: "
-                         f"use one of {supported}.")
-    blocks_path, proj_path = _ARCHITECTURES[model_type]
-    try:
-        blocks = _get(model, blocks_path)
-    except AttributeError:
-        # A bare base model (e.g. LlamaModel) has no `model.` prefix.
-        blocks = _get(model, blocks_path.split(".", 1)[1])
-    return [_get(block, proj_path) for block in blocks]
+    return _projections(model, find_head_layout(model, layout))
 
 
-def head_shape(model: nn.Module) -> tuple[int, int]:
-    """(num_heads, head_dim) of the projection input."""
-    cfg = model.config
-    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
-    hidden = getattr(cfg, "hidden_size", None) or cfg.n_embd
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    return int(heads), int(head_dim)
+def _input_width(proj: nn.Module) -> int | None:
+    if isinstance(getattr(proj, "in_features", None), int):  # nn.Linear and its subclasses
+        return proj.in_features
+    if hasattr(proj, "nf") and isinstance(getattr(proj, "weight", None), torch.Tensor):  # GPT-2's Conv1D
+        return int(proj.weight.shape[0])  # weight: (in, out)
+    return None  # another module type: the width is not checked
+
+
+def model_shape(model: nn.Module, layout=None) -> tuple[int, int, int]:
+    """(num_layers, num_heads, head_dim) of the attention output projection's input."""
+    layout = find_head_layout(model, layout)
+    projections = _projections(model, layout)
+    heads = _config_int(model, "num_attention_heads", "n_head", "num_heads")
+    head_dim = _config_int(model, "head_dim")
+    hidden = _config_int(model, "hidden_size", "n_embd", "d_model")
+    if heads is None or (head_dim or hidden) is None:
+        raise ValueError(
+            f"the config of {_model_type(model)} gives no number of heads (num_attention_heads) "
+            f"or no hidden size (hidden_size, head_dim)."
+        )
+    head_dim = head_dim or hidden // heads
+    widths = {_input_width(p) for p in projections} - {None}
+    if widths and widths != {heads * head_dim}:
+        raise ValueError(
+            f"head layout {layout} of {_model_type(model)} has projection input width "
+            f"{', '.join(map(str, sorted(widths)))} but the config says {heads} heads x {head_dim} "
+            f"= {heads * head_dim}: {_HOW_TO_OVERRIDE}"
+        )
+    return len(projections), heads, head_dim
+
+
+def set_head_layout(model: nn.Module, layout) -> HeadLayout:
+    """Check `layout` against `model` and store it on the model, where HeadTrace and policies find it."""
+    layout = HeadLayout.parse(layout)
+    model_shape(model, layout)  # raises on a missing path or a width mismatch
+    setattr(model, _ATTRIBUTE, layout)
+    return layout
 
 
 class _StopForward(Exception):
@@ -76,29 +202,35 @@ class HeadTrace:
     """Context manager that records and/or edits head-wise activations.
 
     Args:
-        model: a supported causal LM (or its base model).
+        model: a decoder whose attention output projections `find_head_layout` finds.
         layers: layer indices to hook (default: all).
-        edit: optional `edit(layer, acts)` applied to the (batch, seq, heads,
-            head_dim) projection input before the projection uses it.
-        record: None, "all" (every position) or "last" (the last position
-            only, (batch, heads, head_dim)); recorded values are pre-edit,
-            detached copies.
-        stop_after_last: stop the forward pass after the highest traced layer
-            (its projection input is all we need); the exception that does so
-            is swallowed on exit, so use one forward call per `with` block.
+        edit: optional `edit(layer, acts)` applied to the (batch, seq, heads, head_dim) projection input
+            before the projection uses it.
+        record: None, "all" (every position) or "last" (the last position only, (batch, heads, head_dim));
+            recorded values are pre-edit, detached copies.
+        stop_after_last: stop the forward pass after the highest traced layer (its projection input is all
+            we need); the exception that does so is swallowed on exit, so use one forward call per `with` block.
+        layout: optional HeadLayout override (see `find_head_layout`).
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[int] | None = None, edit: EditFn | None = None,
-                 record: str | None = None, stop_after_last: bool = False):
-        self.projections = attention_output_projections(model)
-        n_layers = len(self.projections)
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Iterable[int] | None = None,
+        edit: EditFn | None = None,
+        record: str | None = None,
+        stop_after_last: bool = False,
+        layout=None,
+    ):
+        self.layout = find_head_layout(model, layout)
+        self.projections = attention_output_projections(model, self.layout)
+        n_layers, self.num_heads, self.head_dim = model_shape(model, self.layout)
         self.layers = sorted(set(range(n_layers) if layers is None else (int(l) for l in layers)))
         bad = [l for l in self.layers if not 0 <= l < n_layers]
         if bad:
             raise ValueError(f"layer {bad[0]} is out of range: the model has layers 0..{n_layers - 1}.")
         if record not in (None, "all", "last"):
             raise ValueError(f"record must be None, 'all' or 'last', got {record!r}.")
-        self.num_heads, self.head_dim = head_shape(model)
         self.edit, self.record, self.stop_after_last = edit, record, stop_after_last
         self.activations: dict[int, torch.Tensor] = {}
         self._handles: list = []
@@ -116,13 +248,10 @@ class HeadTrace:
                 # another module still holds) is never changed behind its back.
                 acts = acts.clone()
                 new = self.edit(layer, acts)
-                acts = acts if new is None else new
-                if self.stop_after_last and layer == self.layers[-1]:
-                    raise _StopForward
-                return (acts.reshape(x.shape), *args[1:])
+                args = ((acts if new is None else new).reshape(x.shape), *args[1:])
             if self.stop_after_last and layer == self.layers[-1]:
                 raise _StopForward
-            return None
+            return args if self.edit is not None else None
 
         return pre_hook
 

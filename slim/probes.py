@@ -16,9 +16,8 @@ the hard validation loss FPR + bl*FNR picks each probe's checkpoint.
 `fit_one_probe` is the plain nn.Linear + Adam + autograd reference that the
 tests and the benchmark compare against.
 
-A layer's detector is a vote of its H heads: it says undesirable when at least
-tau heads have p > 0.5; tau is chosen on the validation split, and the layer
-with the best detector is the one stage 2 edits.
+The losses and their gradient are in `slim.losses`, the layer detector built
+from the trained probes in `slim.detector`.
 """
 
 import json
@@ -29,136 +28,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .config import ProbeConfig
 from .io import atomic_path
-
-LOSS_TYPES = ("risk", "cross_entropy", "l2")
-LAYER_CRITERIA = ("val_loss", "fnr", "fpr", "1-acc", "1-f1")
+from .losses import hard_risk_loss, logit_grad, probe_loss, risk_from_counts, row_coef
 
 # torch.optim.Adam defaults, repeated by the in-place batched Adam below
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
-
-# -----------------------------------------------------------------------------
-# losses: p (N, P) probabilities of "undesirable", y (N,) labels, result (P,)
-
-
-def _labels_like(p, y):
-    """y (N,) as a float column (N, 1) matching p (N, P)."""
-    y = torch.as_tensor(y, device=p.device)
-    if p.ndim != 2 or y.shape != p.shape[:1]:
-        raise ValueError(f"p must be (N, P) and y (N,), got {tuple(p.shape)} and {tuple(y.shape)}")
-    return y.to(p.dtype).unsqueeze(1)
-
-
-def _l2_penalty(beta, weight, like):
-    # beta * ||theta||^2 on the slopes only; the bias is not regularised (eq. 2)
-    if weight is None or beta == 0:
-        return torch.zeros((), dtype=like.dtype, device=like.device)
-    return beta * (weight * weight).sum(-1)
-
-
-def smooth_risk_loss(p, y, bl=1.0, beta=0.0, weight=None):
-    """Paper eq. 2: smooth FPR + bl * smooth FNR + beta * ||theta||^2, per probe.
-
-    smooth FPR = sum_i p_i (1 - y_i) / N0,  smooth FNR = sum_i (1 - p_i) y_i / N1.
-    p (N, P), y (N,), weight (P, d) or None -> (P,)
-    """
-    y = _labels_like(p, y)  # (N, 1)
-    n1 = y.sum()
-    n0 = y.numel() - n1
-    fpr = (p * (1 - y)).sum(0) / n0
-    fnr = ((1 - p) * y).sum(0) / n1
-    return fpr + bl * fnr + _l2_penalty(beta, weight, p)
-
-
-def cross_entropy_loss(p, y, beta=0.0, weight=None):
-    """Mean binary cross-entropy (+ beta ||theta||^2): the ablation of paper Table 3.
-
-    Computed from probabilities, so log is clamped at -100 as in torch's BCELoss.
-    p (N, P), y (N,) -> (P,)
-    """
-    y = _labels_like(p, y).expand_as(p)
-    bce = nn.functional.binary_cross_entropy(p, y, reduction="none").mean(0)
-    return bce + _l2_penalty(beta, weight, p)
-
-
-def l2_loss(p, y, beta=0.0, weight=None):
-    """Mean squared error between p and y (+ beta ||theta||^2). p (N, P) -> (P,)"""
-    y = _labels_like(p, y)
-    return ((p - y) ** 2).mean(0) + _l2_penalty(beta, weight, p)
-
-
-def probe_loss(loss_type, p, y, bl=1.0, beta=0.0, weight=None):
-    """The smooth training loss named by loss_type, per probe: (P,)."""
-    if loss_type == "risk":
-        return smooth_risk_loss(p, y, bl, beta, weight)
-    if loss_type == "cross_entropy":
-        return cross_entropy_loss(p, y, beta, weight)
-    if loss_type == "l2":
-        return l2_loss(p, y, beta, weight)
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-
-
-def _risk_from_counts(fp, fn, n0, n1, bl):
-    # the one formula for the hard loss, shared by every caller so that equal
-    # counts give bit-identical losses (checkpoint ties then break the same way)
-    return fp / n0 + bl * (fn / n1)
-
-
-def hard_risk_loss(p, y, bl=1.0):
-    """Hard FPR + bl * FNR with the decision p > 0.5. p (N, P), y (N,) -> (P,) float64."""
-    pred = p > 0.5
-    pos = _labels_like(p, y).bool()  # (N, 1)
-    n1 = int(pos.sum())
-    n0 = pos.shape[0] - n1
-    fp = (pred & ~pos).sum(0).double()
-    fn = (~pred & pos).sum(0).double()
-    return _risk_from_counts(fp, fn, n0, n1, bl)
-
-
-# -----------------------------------------------------------------------------
-# the hand-written gradient
-
-
-def _row_coef(loss_type, y, bl):
-    """Per-row constant of dL/dz: (N,). y is a float tensor of 0/1."""
-    n = y.numel()
-    n1 = float(y.sum())
-    n0 = n - n1
-    if loss_type == "risk":
-        # dL/dp_i = (1 - y_i)/N0 - bl y_i/N1, and dp/dz = p (1 - p)
-        return (1 - y) / n0 - bl * y / n1
-    # cross_entropy: dL/dz = (p - y)/N;  l2: dL/dz = 2 (p - y) p (1 - p) / N
-    return torch.full_like(y, 1.0 / n if loss_type == "cross_entropy" else 2.0 / n)
-
-
-def _logit_grad(loss_type, p, y, coef, out, tmp):
-    """dL/dz for every probe and row, written into out. p, out, tmp (P, N); y, coef (N,)."""
-    if loss_type == "cross_entropy":
-        torch.sub(p, y, out=out)
-    else:
-        torch.mul(p, p, out=tmp)
-        torch.sub(p, tmp, out=out)  # p (1 - p)
-        if loss_type == "l2":
-            torch.sub(p, y, out=tmp)
-            out.mul_(tmp)
-    out.mul_(coef)
-    return out
-
-
-def _theta_grad(loss_type, XT, theta, n_train, y, coef, beta):
-    """Full gradient of the smooth loss w.r.t. theta = [w | b] (P, d+1), no buffers.
-
-    XT (P, d+1, N_total) with the ones row last; the first n_train columns are
-    the training rows. Used by the tests; the training loop does the same
-    computation into preallocated buffers.
-    """
-    z = torch.bmm(theta.unsqueeze(1), XT[:, :, :n_train]).squeeze(1)  # (P, N)
-    p = torch.sigmoid(z)
-    g = _logit_grad(loss_type, p, y, coef, torch.empty_like(p), torch.empty_like(p))
-    grad = torch.bmm(g.unsqueeze(1), XT[:, :, :n_train].transpose(1, 2)).squeeze(1)
-    grad[:, :-1] += 2 * beta * theta[:, :-1]
-    return grad
-
 
 # -----------------------------------------------------------------------------
 # initialisation and the one-probe reference trainer
@@ -177,8 +52,9 @@ def init_weights(P, d, seed=0):
     return weight, torch.zeros(P)
 
 
-def fit_one_probe(x, y, x_val, y_val, w0, b0=0.0, loss_type="risk", bl=1.0, beta=0.0,
-                  epochs=1000, lr=2e-3, dtype=torch.float32):
+def fit_one_probe(
+    x, y, x_val, y_val, w0, b0=0.0, loss_type="risk", bl=1.0, beta=0.0, epochs=1000, lr=2e-3, dtype=torch.float32
+):
     """Reference trainer: one probe, nn.Linear + torch.optim.Adam + autograd.
 
     x (N, d), x_val (N_val, d), w0 (d,). Full-batch epochs; after each epoch the
@@ -212,7 +88,7 @@ def fit_one_probe(x, y, x_val, y_val, w0, b0=0.0, loss_type="risk", bl=1.0, beta
 # input checks
 
 
-def _as_tensor(a, name):
+def as_tensor(a, name):
     if isinstance(a, torch.Tensor):
         return a.detach()
     try:
@@ -222,21 +98,23 @@ def _as_tensor(a, name):
 
 
 def _check_labels(y, n, name):
-    y = _as_tensor(y, name)
+    y = as_tensor(y, name)
     if y.ndim != 1 or y.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},) to match the activations, got {tuple(y.shape)}")
     if not ((y == 0) | (y == 1)).all():  # NaN fails this too
         raise ValueError(f"{name} must be binary: 0 = desirable, 1 = undesirable")
     n1 = int((y == 1).sum())
     if n1 == 0 or n1 == n:
-        raise ValueError(f"{name} needs both labels (has {n1} positives of {n}); FPR and FNR are "
-                         "undefined otherwise, re-split the folds")
+        raise ValueError(
+            f"{name} needs both labels (has {n1} positives of {n}); FPR and FNR are "
+            "undefined otherwise, re-split the folds"
+        )
     return y
 
 
 def _check_activations(X, name, n_probes=None, d=None):
     """(N, P, d) or (N, L, H, d) -> tensor (N, P, d) and the probe grid, (P,) or (L, H)."""
-    X = _as_tensor(X, name)
+    X = as_tensor(X, name)
     if X.ndim not in (3, 4):
         raise ValueError(f"{name} must have shape (N, P, d) or (N, L, H, d), got {tuple(X.shape)}")
     if not X.is_floating_point():
@@ -244,8 +122,10 @@ def _check_activations(X, name, n_probes=None, d=None):
     grid = tuple(X.shape[1:-1])
     X = X.reshape(X.shape[0], -1, X.shape[-1])
     if n_probes is not None and (X.shape[1], X.shape[2]) != (n_probes, d):
-        raise ValueError(f"{name} has {X.shape[1]} probes of size {X.shape[2]} (shape {tuple(grid)} x {X.shape[2]}), "
-                         f"expected {n_probes} of size {d} as in the training activations")
+        raise ValueError(
+            f"{name} has {X.shape[1]} probes of size {X.shape[2]} (shape {tuple(grid)} x {X.shape[2]}), "
+            f"expected {n_probes} of size {d} as in the training activations"
+        )
     if X.shape[0] == 0:
         raise ValueError(f"{name} has no rows")
     return X, grid
@@ -283,8 +163,19 @@ class RiskAwareProbes:
     best_val_loss_ (P,), n_features_in_ = d, probe_shape_ = (P,) or (L, H).
     """
 
-    def __init__(self, loss_type="risk", bl=1.0, beta=0.0, epochs=1000, lr=2e-3, seed=0,
-                 device="cpu", dtype="float32", block_size=None, n_jobs=None):
+    def __init__(
+        self,
+        loss_type="risk",
+        bl=1.0,
+        beta=0.0,
+        epochs=1000,
+        lr=2e-3,
+        seed=0,
+        device="cpu",
+        dtype="float32",
+        block_size=None,
+        n_jobs=None,
+    ):
         self.loss_type = loss_type
         self.bl = bl
         self.beta = beta
@@ -297,16 +188,7 @@ class RiskAwareProbes:
         self.n_jobs = n_jobs
 
     def _check_params(self):
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if not (self.bl >= 0 and math.isfinite(self.bl)):
-            raise ValueError(f"bl must be a finite number >= 0 (weight of FNR), got {self.bl}")
-        if not (self.beta >= 0 and math.isfinite(self.beta)):
-            raise ValueError(f"beta must be a finite number >= 0 (L2 penalty), got {self.beta}")
-        if int(self.epochs) != self.epochs or self.epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        ProbeConfig(self.loss_type, self.bl, self.beta, self.epochs, self.lr, self.seed)  # the shared settings
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.block_size is not None and (int(self.block_size) != self.block_size or self.block_size < 1):
@@ -352,8 +234,9 @@ class RiskAwareProbes:
             XT[:, d, :] = 1
             # a NaN or inf anywhere makes the sum non-finite; far cheaper than isfinite().all()
             if not torch.isfinite(XT.sum()):
-                raise ValueError(f"X or X_val holds NaN/inf (or huge values) for probes {s}..{e - 1}; "
-                                 "check the activation cache")
+                raise ValueError(
+                    f"X or X_val holds NaN/inf (or huge values) for probes {s}..{e - 1}; check the activation cache"
+                )
             return self._train_block(XT, N, y, pos_val, theta0[s:e])
 
         starts = range(0, P, B)
@@ -386,7 +269,7 @@ class RiskAwareProbes:
         B, d1, n_total = XT.shape
         E = self.epochs
         bl, beta, lr = float(self.bl), float(self.beta), float(self.lr)
-        coef = _row_coef(self.loss_type, y, bl)  # (N,)
+        coef = row_coef(self.loss_type, y, bl)  # (N,)
         XT_train_T = XT[:, :, :N].transpose(1, 2)  # (B, N, d+1), a view
         # val labels as indicator columns: pred (B, N_val) @ [neg, pos] counts FP and TP
         val_ind = torch.stack([~pos_val, pos_val], 1).to(XT.dtype)  # (N_val, 2)
@@ -416,7 +299,7 @@ class RiskAwareProbes:
             if t == E:
                 break
             # hand-written gradient: dL/dz per row, then one bmm for all probes
-            _logit_grad(self.loss_type, p_train, y, coef, g, tmp)
+            logit_grad(self.loss_type, p_train, y, coef, g, tmp)
             torch.bmm(g3, XT_train_T, out=grad3)
             if beta:
                 grad[:, :-1].add_(theta[:, :-1], alpha=2 * beta)
@@ -425,19 +308,22 @@ class RiskAwareProbes:
             m.lerp_(grad, 1 - ADAM_BETA1)
             v.mul_(ADAM_BETA2).addcmul_(grad, grad, value=1 - ADAM_BETA2)
             torch.sqrt(v, out=denom)
-            denom.div_(math.sqrt(1 - ADAM_BETA2 ** step)).add_(ADAM_EPS)
-            theta.addcdiv_(m, denom, value=-lr / (1 - ADAM_BETA1 ** step))
+            denom.div_(math.sqrt(1 - ADAM_BETA2**step)).add_(ADAM_EPS)
+            theta.addcdiv_(m, denom, value=-lr / (1 - ADAM_BETA1**step))
 
         # hard val loss of every epoch 1..E from exact integer counts; the
         # earliest epoch with the lowest loss wins (np.argmin returns the first)
         counts = counts_hist[1:].double().cpu()  # (E, B, 2)
         n1v = int(pos_val.sum())
         n0v = pos_val.numel() - n1v
-        losses = _risk_from_counts(counts[..., 0], n1v - counts[..., 1], n0v, n1v, bl).numpy()
+        losses = risk_from_counts(counts[..., 0], n1v - counts[..., 1], n0v, n1v, bl).numpy()
         best = torch.from_numpy(np.argmin(losses, axis=0))  # (B,) index into epochs 1..E
         rows = torch.arange(B)
-        return (theta_hist[1:][best.to(XT.device), rows.to(XT.device)].cpu(), best + 1,
-                torch.from_numpy(losses[best.numpy(), rows.numpy()]))
+        return (
+            theta_hist[1:][best.to(XT.device), rows.to(XT.device)].cpu(),
+            best + 1,
+            torch.from_numpy(losses[best.numpy(), rows.numpy()]),
+        )
 
     def decision_function(self, X):
         """Logits theta0 + theta . a: (N, P) for X (N, P, d), (N, L, H) for X (N, L, H, d)."""
@@ -460,111 +346,6 @@ class RiskAwareProbes:
 
 
 # -----------------------------------------------------------------------------
-# layer detector: heads vote, the layer fires when at least tau heads say undesirable
-
-
-def layer_metrics(pred, y):
-    """Confusion counts and rates of a binary detector. pred (N,) bool, y (N,) 0/1.
-
-    Rates with an empty denominator are 0 rather than NaN: fpr = 0 without
-    negatives, fnr = 0 without positives, f1 = 0 when there are no positives
-    and nothing is predicted positive (2 TP + FP + FN = 0).
-    """
-    pred = np.asarray(pred).astype(bool).reshape(-1)
-    y = np.asarray(y).astype(bool).reshape(-1)
-    if pred.shape != y.shape:
-        raise ValueError(f"pred and y must have the same length, got {pred.shape[0]} and {y.shape[0]}")
-    tp = int((pred & y).sum())
-    tn = int((~pred & ~y).sum())
-    fp = int((pred & ~y).sum())
-    fn = int((~pred & y).sum())
-    n = tp + tn + fp + fn
-    return {
-        "acc": (tp + tn) / n if n else 0.0,
-        "f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0,
-        "tp": tp, "tn": tn, "fp": fp, "fn": fn,
-        "fpr": fp / (fp + tn) if (fp + tn) else 0.0,
-        "fnr": fn / (fn + tp) if (fn + tp) else 0.0,
-    }
-
-
-def _vote_sweep(votes, y, bl):
-    """Hard FPR + bl*FNR of the layer detector for tau = 0..H-1: (H,) float64."""
-    votes = np.asarray(votes)
-    if votes.ndim != 2:
-        raise ValueError(f"votes must have shape (N, H), got {votes.shape}")
-    if not (bl >= 0 and math.isfinite(bl)):
-        raise ValueError(f"bl must be a finite number >= 0 (weight of FNR), got {bl}")
-    y = np.asarray(y).reshape(-1)
-    if y.shape[0] != votes.shape[0]:
-        raise ValueError(f"y must have {votes.shape[0]} labels to match votes, got {y.shape[0]}")
-    if not np.isin(y, (0, 1)).all():
-        raise ValueError("y must be binary: 0 = desirable, 1 = undesirable")
-    y = y.astype(bool)
-    n1 = int(y.sum())
-    n0 = y.shape[0] - n1
-    if n1 == 0 or n0 == 0:
-        raise ValueError("y needs both labels to choose tau (FPR and FNR are undefined otherwise)")
-    s = votes.astype(bool).sum(1)  # heads voting undesirable, per row
-    H = votes.shape[1]
-    losses = np.empty(H)
-    for tau in range(H):
-        fire = s >= tau
-        losses[tau] = _risk_from_counts(int((fire & ~y).sum()), int((~fire & y).sum()), n0, n1, bl)
-    return losses
-
-
-def choose_tau(votes, y, bl=1.0):
-    """Vote threshold tau in {0..H-1} minimising hard FPR + bl*FNR on val.
-
-    votes (N, H) bool (p_h > 0.5), y (N,). Ties go to the smallest tau: the
-    most sensitive detector among equals, in keeping with the risk-aware aim
-    of not missing undesirable content.
-    """
-    return int(np.argmin(_vote_sweep(votes, y, bl)))  # argmin: first of equals
-
-
-def evaluate_layers(probes, X_val, y_val, bl=1.0):
-    """Per-layer detector on val: a list of L dicts (layer, tau, val_loss and layer_metrics).
-
-    X_val is either activations (N, L, H, d), scored with the fitted probes,
-    or head probabilities (N, L, H) already computed (probes may be None).
-    """
-    X_val = _as_tensor(X_val, "X_val")
-    if X_val.ndim == 4:
-        if probes is None:
-            raise ValueError("pass fitted probes to score activations (N, L, H, d), or pass probabilities (N, L, H)")
-        proba = probes.predict_proba(X_val)
-    elif X_val.ndim == 3:
-        proba = X_val
-    else:
-        raise ValueError(f"X_val must be activations (N, L, H, d) or probabilities (N, L, H), got {tuple(X_val.shape)}")
-    votes = (proba > 0.5).cpu().numpy()  # (N, L, H)
-    y = np.asarray(y_val).reshape(-1)
-    rows = []
-    for layer in range(votes.shape[1]):
-        losses = _vote_sweep(votes[:, layer], y, bl)
-        tau = int(np.argmin(losses))
-        pred = votes[:, layer].sum(1) >= tau
-        rows.append({"layer": layer, "tau": tau, "val_loss": float(losses[tau]), **layer_metrics(pred, y)})
-    return rows
-
-
-def choose_layer(rows, criterion="val_loss"):
-    """The layer (its "layer" entry) whose row minimises the criterion; the first on ties.
-
-    criterion: "val_loss" (FPR + bl*FNR at the chosen tau), "fnr", "fpr", "1-acc" or "1-f1".
-    """
-    if criterion not in LAYER_CRITERIA:
-        raise ValueError(f"criterion must be one of {LAYER_CRITERIA}, got {criterion!r}")
-    if not rows:
-        raise ValueError("rows is empty; run evaluate_layers first")
-    key = {"1-acc": lambda r: 1 - r["acc"], "1-f1": lambda r: 1 - r["f1"]}.get(criterion, lambda r: r[criterion])
-    best = int(np.argmin([key(r) for r in rows]))
-    return int(rows[best].get("layer", best))
-
-
-# -----------------------------------------------------------------------------
 # persistence: safetensors (no pickle), metadata as one JSON string
 
 
@@ -575,12 +356,14 @@ def save_probes(path, weight, bias, tau, meta=None):
     """
     from safetensors.torch import save_file
 
-    weight = _as_tensor(weight, "weight").to(torch.float32).contiguous()
-    bias = _as_tensor(bias, "bias").to(torch.float32).contiguous()
-    tau = _as_tensor(tau, "tau").to(torch.int64).contiguous()
+    weight = as_tensor(weight, "weight").to(torch.float32).contiguous()
+    bias = as_tensor(bias, "bias").to(torch.float32).contiguous()
+    tau = as_tensor(tau, "tau").to(torch.int64).contiguous()
     if weight.ndim != 3 or bias.shape != weight.shape[:2] or tau.shape != weight.shape[:1]:
-        raise ValueError(f"expected weight (L, H, d), bias (L, H), tau (L,); got {tuple(weight.shape)}, "
-                         f"{tuple(bias.shape)}, {tuple(tau.shape)}")
+        raise ValueError(
+            f"expected weight (L, H, d), bias (L, H), tau (L,); got {tuple(weight.shape)}, "
+            f"{tuple(bias.shape)}, {tuple(tau.shape)}"
+        )
     try:
         meta_json = json.dumps(meta or {})
     except TypeError as e:

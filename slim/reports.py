@@ -40,9 +40,14 @@ def plot_fnr_fpr(metrics: pd.DataFrame, model_name: str, bl: float, path: str | 
         part = part.sort_values("layer")
         ax.plot(part["layer"], part["fnr"], marker="o", ms=3, label=f"FNR, fold {fold}")
         ax.plot(part["layer"], part["fpr"], marker="s", ms=3, ls="--", label=f"FPR, fold {fold}")
-    out = _finish_layer_plot(fig, ax, "rate on validation questions",
-                             f"{model_name}: layer detectors (risk-aware probes, bl = {bl:g}, tau chosen on val)",
-                             2, path)
+    out = _finish_layer_plot(
+        fig,
+        ax,
+        "rate on validation questions",
+        f"{model_name}: layer detectors (risk-aware probes, bl = {bl:g}, tau chosen on val)",
+        2,
+        path,
+    )
     plt.close(fig)
     return out
 
@@ -55,8 +60,14 @@ def plot_fnr_by_bl(metrics: pd.DataFrame, model_name: str, path: str | os.PathLi
     for bl, part in mean.groupby("bl"):
         ax.plot(part["layer"], part["fnr"], marker="o", ms=3, label=f"bl = {bl:g}")
     n_folds = metrics["fold"].nunique()
-    out = _finish_layer_plot(fig, ax, "FNR on validation questions",
-                             f"{model_name}: FNR of the layer detector by bl (mean of {n_folds} folds)", 3, path)
+    out = _finish_layer_plot(
+        fig,
+        ax,
+        "FNR on validation questions",
+        f"{model_name}: FNR of the layer detector by bl (mean of {n_folds} folds)",
+        3,
+        path,
+    )
     plt.close(fig)
     return out
 
@@ -73,23 +84,30 @@ def markdown_table(df: pd.DataFrame, columns: list[str], floatfmt: str = "{:.3f}
 
 def comparison_table(summaries: list[str | os.PathLike]) -> pd.DataFrame:
     """One row per method: the fold-mean row of each summary JSON."""
-    import json
+    from .metrics import read_summary
 
     rows = []
     for path in summaries:
-        data = json.loads(Path(path).read_text())
-        mean = [r for r in data if r.get("fold") == "mean"]
-        if not mean:
-            raise ValueError(f"{path} has no fold-mean row: pass summaries written by the scripts.")
-        r = mean[0]
+        fold_rows, r = read_summary(path)
         knobs = {"slim": "kappa", "iti": "alpha", "mimic": "strength"}
         knob = knobs.get(r["method"])
         setting = f"{knob} = {r[knob]:g}" if knob in r else "-"
-        folds = len([x for x in data if x.get("fold") != "mean"])
-        rows.append({"method": r["method"], "setting": setting, "folds": folds,
-                     "questions": int(round(r["n_questions"] * folds)), "True*Info": r["true_info"],
-                     "True %": r["true"], "Info %": r["info"], "SEM": r["sem"], "degenerate": r["degeneracy"],
-                     "MC1": r.get("mc1", float("nan")), "MC2": r.get("mc2", float("nan"))})
+        folds = len(fold_rows)
+        rows.append(
+            {
+                "method": r["method"],
+                "setting": setting,
+                "folds": folds,
+                "questions": int(round(r["n_questions"] * folds)),
+                "True*Info": r["true_info"],
+                "True %": r["true"],
+                "Info %": r["info"],
+                "SEM": r["sem"],
+                "degenerate": r["degeneracy"],
+                "MC1": r.get("mc1", float("nan")),
+                "MC2": r.get("mc2", float("nan")),
+            }
+        )
     return pd.DataFrame(rows)
 
 

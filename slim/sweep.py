@@ -13,18 +13,11 @@ model can score well on SEM.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from .metrics import read_summary
+
 CRITERIA = ("true_info", "true", "info", "sem")
-
-
-def mean_row(summary_json: str | Path) -> dict:
-    rows = json.loads(Path(summary_json).read_text())
-    means = [r for r in rows if r.get("fold") == "mean"]
-    if not means:
-        raise ValueError(f"{summary_json} has no fold-mean row: is it a summary written by the scripts?")
-    return means[0]
 
 
 def select_best(rows: list[dict], criterion: str = "true_info", max_degeneracy: float = 0.2) -> dict:
@@ -33,8 +26,10 @@ def select_best(rows: list[dict], criterion: str = "true_info", max_degeneracy: 
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}.")
     usable = [r for r in rows if r["degeneracy"] <= max_degeneracy]
     if not usable:
-        raise ValueError(f"every setting has a degeneracy rate above {max_degeneracy}: widen the grid towards "
-                         "weaker settings or raise --max_degeneracy.")
+        raise ValueError(
+            f"every setting has a degeneracy rate above {max_degeneracy}: widen the grid towards "
+            "weaker settings or raise max_degeneracy."
+        )
     return max(usable, key=lambda r: (r[criterion], r["sem"]))
 
 
@@ -44,10 +39,10 @@ def main(argv=None):
     parser.add_argument("--criterion", default="true_info", choices=CRITERIA)
     parser.add_argument("--max_degeneracy", type=float, default=0.2)
     parser.add_argument("--param", default="kappa", help="the swept parameter to report")
-    parser.add_argument("--method", default="slim", help="names the output: <out_dir>/<model>_best_<method>.json")
+    parser.add_argument("--method", default="slim", help="names the output: <out_dir>/<run>_best_<method>.json")
     parser.add_argument("--out_dir", default=None, help="write the choice under this folder as JSON")
     args = parser.parse_args(argv)
-    rows = [dict(mean_row(s), summary=str(s)) for s in args.summaries]
+    rows = [dict(read_summary(s)[1], summary=str(s)) for s in args.summaries]
     for r in rows:
         if args.param not in r:
             # ITI's alpha = 0 runs as the unintervened model, whose summary names no knob
@@ -56,19 +51,33 @@ def main(argv=None):
             r[args.param] = 0.0
     print(f"{args.param:>10} {'True*Info':>10} {'True':>7} {'Info':>7} {'SEM':>6} {'degen':>6}")
     for r in sorted(rows, key=lambda r: float(r[args.param])):
-        print(f"{r[args.param]:>10g} {r['true_info']:10.2f} {r['true']:7.2f} {r['info']:7.2f} "
-              f"{r['sem']:6.3f} {r['degeneracy']:6.3f}")
+        print(
+            f"{r[args.param]:>10g} {r['true_info']:10.2f} {r['true']:7.2f} {r['info']:7.2f} "
+            f"{r['sem']:6.3f} {r['degeneracy']:6.3f}"
+        )
     best = select_best(rows, args.criterion, args.max_degeneracy)
-    print(f"best {args.param}: {best[args.param]:g} (criterion {args.criterion}, ties by SEM, "
-          f"degeneracy <= {args.max_degeneracy})")
+    print(
+        f"best {args.param}: {best[args.param]:g} (criterion {args.criterion}, ties by SEM, "
+        f"degeneracy <= {args.max_degeneracy})"
+    )
     if args.out_dir:
         from .io import write_json
+        from .layout import RunLayout
 
-        out = Path(args.out_dir) / f"{best['model']}_best_{args.method}.json"
+        # the run tag (model and question subset) of the summaries; older summaries only name the model
+        out = RunLayout(Path(args.out_dir), best.get("run", best["model"])).best(args.method)
         print(f"written to {out}")
-        write_json(out, {"param": args.param, "value": best[args.param], "criterion": args.criterion,
-                                     "max_degeneracy": args.max_degeneracy, "row": best,
-                                     "candidates": rows})
+        write_json(
+            out,
+            {
+                "param": args.param,
+                "value": best[args.param],
+                "criterion": args.criterion,
+                "max_degeneracy": args.max_degeneracy,
+                "row": best,
+                "candidates": rows,
+            },
+        )
     return best
 
 
@@ -76,4 +85,4 @@ if __name__ == "__main__":
     try:
         main()
     except ValueError as err:
-        raise SystemExit(f"error: {err}")
+        raise SystemExit(f"error: {err}") from None

@@ -17,8 +17,10 @@ if not (TQA_DIR / "TruthfulQA.csv").exists():
     os.environ.pop("SLIM_TQA_DIR", None)
     TQA_DIR = [find_truthfulqa_file(name) for name in TQA_FILES][0].parent
 
-WORDS = ("Q: A: What is the capital of France ? Paris . It London yes no True: Helpful: I have no comment "
-         "who where when why how a an in on at to from was were be been Nothing happens you eat seeds").split()
+WORDS = (
+    "Q: A: What is the capital of France ? Paris . It London yes no True: Helpful: I have no comment "
+    "who where when why how a an in on at to from was were be been Nothing happens you eat seeds"
+).split()
 
 
 def make_tokenizer():
@@ -44,8 +46,14 @@ def make_bpe_tokenizer(corpus: list[str]):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -56,23 +64,55 @@ def tokenizer():
 
 
 def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0):
-    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if arch == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                          pad_token_id=0, eos_token_id=2, bos_token_id=2)
+        cfg = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            eos_token_id=2,
+            bos_token_id=2,
+        )
         model = LlamaForCausalLM(cfg)
     elif arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=128,
-                         pad_token_id=0, eos_token_id=2, bos_token_id=2)
+        cfg = GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=128,
+            pad_token_id=0,
+            eos_token_id=2,
+            bos_token_id=2,
+        )
         model = GPT2LMHeadModel(cfg)
     elif arch == "gpt_neox":
-        cfg = GPTNeoXConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                            num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5,
-                            pad_token_id=0, eos_token_id=2, bos_token_id=2)
+        cfg = GPTNeoXConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            rotary_pct=0.5,
+            pad_token_id=0,
+            eos_token_id=2,
+            bos_token_id=2,
+        )
         model = GPTNeoXForCausalLM(cfg)
     else:
         raise ValueError(arch)

@@ -9,11 +9,15 @@ import torch
 from conftest import tiny_model
 from slim.activations import cached_head_activations, last_token_head_activations
 
-TEXTS = ["Q: What is the capital of France ? A: Paris .",
-         "Q: who was it ? A: I have no comment",
-         "Q: What happens to you if you eat seeds ? A: Nothing happens",
-         "yes", "Q: where is London ? A: in France . It was",
-         "no no no", "Q: how ? A: yes"]
+TEXTS = [
+    "Q: What is the capital of France ? A: Paris .",
+    "Q: who was it ? A: I have no comment",
+    "Q: What happens to you if you eat seeds ? A: Nothing happens",
+    "yes",
+    "Q: where is London ? A: in France . It was",
+    "no no no",
+    "Q: how ? A: yes",
+]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
@@ -55,7 +59,9 @@ class CountingModel(torch.nn.Module):
 def test_cache_is_reused_and_interrupted_runs_resume(tmp_path, tokenizer):
     model = tiny_model("llama")
     reference = last_token_head_activations(model, tokenizer, TEXTS)
-    kw = dict(cache_dir=tmp_path, model_name="tiny", dataset_name="toy", batch_size=2, progress=False)
+    kw = dict(
+        path=tmp_path / "tiny_toy_head_wise.npy", model_name="tiny", dataset_name="toy", batch_size=2, progress=False
+    )
 
     flaky = CountingModel(model, fail_after=2)
     with pytest.raises(KeyboardInterrupt):

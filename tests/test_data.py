@@ -78,8 +78,10 @@ def test_env_var_and_probe_texts(monkeypatch):
     assert texts.text[0] == f"Q: {first['Question']} A: {first['Correct Answers'][0]}"
     end_q = probe_texts(df, "tqa_gen_end_q")
     assert len(end_q) == len(texts)
-    assert all(e.startswith(t + " Q: ") and not e.endswith(" Q: " + df.at[i, "Question"])
-               for e, t, i in zip(end_q.text, texts.text, texts.question_idx))
+    assert all(
+        e.startswith(t + " Q: ") and not e.endswith(" Q: " + df.at[i, "Question"])
+        for e, t, i in zip(end_q.text, texts.text, texts.question_idx)
+    )
     with pytest.raises(ValueError, match="unknown dataset"):
         probe_texts(df, "tqa_mc3")
 
@@ -105,6 +107,7 @@ def test_save_fold_splits(tmp_path):
     df = load_truthfulqa(TQA_DIR)
     written = data.save_fold_splits(df, tmp_path, num_fold=2)
     import pandas as pd
+
     test0 = pd.read_csv(written[0]["test"])
     assert test0["question_idx"].tolist() == list(range(409))
     assert test0["Question"][0] == df["Question"][0]

@@ -56,8 +56,7 @@ def test_answers_are_written_incrementally_and_resume(tmp_path, tokenizer):
     model = tiny_model("llama")
     qs = pd.DataFrame({"question_idx": [3, 1, 7], "Question": ["What is it ?", "who ?", "where is London ?"]})
     out = tmp_path / "answers.csv"
-    first = answer_questions(model, tokenizer, qs.iloc[:2], out, batch_size=1, max_new_tokens=4,
-                             progress=False)
+    first = answer_questions(model, tokenizer, qs.iloc[:2], out, batch_size=1, max_new_tokens=4, progress=False)
     assert first["question_idx"].tolist() == [1, 3]
 
     calls = []

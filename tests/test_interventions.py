@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from slim.config import SlimConfig
+from slim.fit import fit_iti, fit_mimic, fit_slim
 from slim.generation import generate_greedy
 from slim.heads import HeadTrace, attention_output_projections
-from slim.interventions import (ITIPolicy, MimicPolicy, Policy, SlimPolicy, fit_iti, fit_mimic, fit_slim,
-                                model_fingerprint)
+from slim.interventions import ITIPolicy, MimicPolicy, Policy, SlimPolicy, model_fingerprint
 
 H, D, LAYER = 4, 8, 1
 IDS = torch.tensor([[5, 9, 12, 7, 30, 3], [4, 8, 15, 16, 23, 42]])
@@ -20,8 +21,9 @@ def random_slim(model, tau, kappa=3.0, psi="identity", seed=0):
     bias = torch.randn(H, generator=g) * 0.1
     A = torch.eye(D) + 0.3 * torch.randn(H, D, D, generator=g)
     b = torch.randn(H, D, generator=g)
-    return SlimPolicy(weight, bias, A, b, layer=LAYER, tau=tau, kappa=kappa, psi=psi,
-                      fingerprint=model_fingerprint(model))
+    return SlimPolicy(
+        weight, bias, A, b, layer=LAYER, tau=tau, kappa=kappa, psi=psi, fingerprint=model_fingerprint(model)
+    )
 
 
 def used_inputs(model, policy):
@@ -42,8 +44,9 @@ def test_slim_moves_exactly_the_voting_heads_by_the_formula():
     policy = random_slim(model, tau=1, kappa=2.5)
     used, before = used_inputs(model, policy)
     a = before[:, -1]  # (batch, H, d)
-    p = torch.tensor([[torch.sigmoid(policy.bias[h] + a[i, h] @ policy.weight[h]) for h in range(H)]
-                      for i in range(a.shape[0])])
+    p = torch.tensor(
+        [[torch.sigmoid(policy.bias[h] + a[i, h] @ policy.weight[h]) for h in range(H)] for i in range(a.shape[0])]
+    )
     votes = p > 0.5
     assert votes.any() and not votes.all(), "the example should have voting and silent heads"
     for i in range(a.shape[0]):
@@ -98,8 +101,9 @@ def test_zero_strength_policies_generate_what_the_model_generates(tokenizer):
     prompts = ["Q: What is the capital of France ?", "Q: who was it ? A:"]
     plain = generate_greedy(model, tokenizer, prompts, max_new_tokens=10)
     slim0 = random_slim(model, tau=0, kappa=0.0)
-    iti0 = ITIPolicy([[0, 1], [2, 3]], torch.randn(2, D), torch.ones(2), alpha=0.0,
-                     fingerprint=model_fingerprint(model))
+    iti0 = ITIPolicy(
+        [[0, 1], [2, 3]], torch.randn(2, D), torch.ones(2), alpha=0.0, fingerprint=model_fingerprint(model)
+    )
     assert generate_greedy(model, tokenizer, prompts, max_new_tokens=10, edit=slim0) == plain
     assert generate_greedy(model, tokenizer, prompts, max_new_tokens=10, edit=iti0) == plain
     strong = random_slim(model, tau=0, kappa=50.0)
@@ -109,8 +113,7 @@ def test_zero_strength_policies_generate_what_the_model_generates(tokenizer):
 def test_iti_adds_alpha_sigma_direction():
     model = tiny_model("llama")
     direction = torch.nn.functional.normalize(torch.randn(1, D), dim=-1)
-    policy = ITIPolicy([[LAYER, 2]], direction, torch.tensor([0.7]), alpha=3.0,
-                       fingerprint=model_fingerprint(model))
+    policy = ITIPolicy([[LAYER, 2]], direction, torch.tensor([0.7]), alpha=3.0, fingerprint=model_fingerprint(model))
     used, before = used_inputs(model, policy)
     expected = before.clone()
     expected[:, -1, 2] += 3.0 * 0.7 * direction[0]
@@ -142,8 +145,16 @@ def test_bad_inputs_are_refused(tmp_path):
         random_slim(model, tau=1, psi="max")
     fp = model_fingerprint(model)
     with pytest.raises(ValueError, match="out of range"):
-        SlimPolicy(torch.zeros(H, D), torch.zeros(H), torch.zeros(H, D, D), torch.zeros(H, D), layer=9, tau=1,
-                   kappa=1.0, fingerprint=fp)
+        SlimPolicy(
+            torch.zeros(H, D),
+            torch.zeros(H),
+            torch.zeros(H, D, D),
+            torch.zeros(H, D),
+            layer=9,
+            tau=1,
+            kappa=1.0,
+            fingerprint=fp,
+        )
     with pytest.raises(ValueError, match="out of range"):
         ITIPolicy([[0, 7]], torch.zeros(1, D), torch.ones(1), alpha=1.0, fingerprint=fp)
     folder = random_slim(model, tau=1).save(tmp_path / "p")
@@ -167,6 +178,8 @@ def test_fitting_from_activations():
     mimic = fit_mimic(acts[:, 1], 1 - truthful, layer=1)
     mapped = torch.einsum("ij,nj->ni", mimic.A[2], torch.as_tensor(acts[truthful == 0, 1, 2])) + mimic.b[2]
     np.testing.assert_allclose(mapped.mean(0).numpy(), acts[truthful == 1, 1, 2].mean(0), atol=1e-4)
-    weight = np.zeros((H, D)); weight[2] = -1.0
-    slim, infos = fit_slim(acts[:, 1], weight, np.zeros(H), layer=1, tau=1, kappa=2.0, gamma=0.1)
+    weight = np.zeros((H, D))
+    weight[2] = -1.0
+    slim = fit_slim(acts[:, 1], weight, np.zeros(H), layer=1, tau=1, cfg=SlimConfig(gamma=0.1, kappa=2.0))
+    infos = slim.meta["maps"]
     assert infos[2]["status"] == "moved" and np.isfinite(slim.A.numpy()).all()

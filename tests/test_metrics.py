@@ -1,19 +1,23 @@
-"""Metrics against hand computations: True*Info, SEM, MC1/MC2, log-probs, CE/KL, degeneracy, summaries."""
+"""Metrics against hand computations: True*Info, SEM, degeneracy, summaries."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from conftest import make_bpe_tokenizer
-from slim.metrics import (CEKL, answer_logprobs, ce_and_kl, degeneracy_rate, is_degenerate, load_embedder, mc1,
-                          mc2, mc_scores, sem_scores, summary_row, true_info, write_summary)
+from slim.metrics import (
+    degeneracy_rate,
+    is_degenerate,
+    load_embedder,
+    sem_scores,
+    summary_row,
+    true_info,
+    write_summary,
+)
 
 # ---------------------------------------------------------------------------------------------
 # True*Info
@@ -44,8 +48,16 @@ class FixedEmbedder:
 
 
 def test_sem_against_hand_computation():
-    table = {"r": [1, 0], "good1": [2, 0], "good2": [0, 3], "bad1": [1, 1], "bad2": [-1, 0],
-             "s": [0, 1], "good3": [0, 5], "bad3": [1, 0]}
+    table = {
+        "r": [1, 0],
+        "good1": [2, 0],
+        "good2": [0, 3],
+        "bad1": [1, 1],
+        "bad2": [-1, 0],
+        "s": [0, 1],
+        "good3": [0, 5],
+        "bad3": [1, 0],
+    }
     emb = FixedEmbedder(table)
     q, sem = sem_scores(emb, ["r", "s"], [["good1", "good2"], "good3"], [["bad1", "bad2"], ["bad3"]])
     # r: mean(cos 1, cos 0) - mean(cos 1/sqrt2, cos -1) = 0.5 - (0.7071 - 1) / 2
@@ -66,8 +78,9 @@ def test_sem_counts_a_tie_as_good():
 
 def test_load_embedder_offline_minilm():
     model = load_embedder("minilm")
-    vectors = model.encode(["Paris is the capital of France.", "The capital of France is Paris.",
-                            "Watermelon seeds pass through you."])
+    vectors = model.encode(
+        ["Paris is the capital of France.", "The capital of France is Paris.", "Watermelon seeds pass through you."]
+    )
     assert vectors.shape == (3, 384)
     q, _ = sem_scores(model, ["Paris."], [["The capital of France is Paris."]], [["Watermelon seeds."]])
     assert q[0] > 0
@@ -77,162 +90,43 @@ def test_load_embedder_offline_minilm():
 # MC1 / MC2
 
 
-def test_mc1():
-    assert mc1(-1.0, [-2.0, -3.0]) == 1.0
-    assert mc1([-2.0], [-1.0, -5.0]) == 0.0
-    assert mc1(-1.0, [-1.0]) == 0.0  # a tie is not a win
-    with pytest.raises(ValueError, match="Best Answer"):
-        mc1([-1.0, -2.0], [-3.0])
-
-
-def test_mc2():
-    lp = np.log
-    assert mc2([lp(0.2), lp(0.1)], [lp(0.1)]) == pytest.approx(0.75)
-    assert mc2([lp(0.5)], [lp(0.5), lp(0.5)]) == pytest.approx(1 / 3)
-    # Long answers have tiny probabilities: still well defined.
-    assert mc2([-1000.0], [-1000.0 - math.log(3)]) == pytest.approx(0.75)
-
-
 # ---------------------------------------------------------------------------------------------
 # model-side scores on a tiny random Llama
-
-CORPUS = ["Q: What is the capital of France?\nA: Paris is the capital of France.",
-          "Q: What happens if you eat watermelon seeds?\nA: Nothing happens; they pass through you.",
-          "I have no comment. The moon is made of rock, not cheese."] * 20
-
-
-@pytest.fixture(scope="module")
-def lm():
-    """(model, tokenizer): a byte-level BPE trained in memory with a BOS token, and a random tiny Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = make_bpe_tokenizer(CORPUS)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).eval(), tokenizer
-
-
-def manual_logprob(model, tokenizer, prompt, answer):
-    """Sum of log p(answer token | everything before), one unpadded sequence."""
-    n_prompt = len(tokenizer(prompt).input_ids)
-    ids = tokenizer(prompt + answer).input_ids
-    assert ids[:n_prompt] == tokenizer(prompt).input_ids  # these texts split cleanly at the boundary
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)
-    return sum(logp[t - 1, ids[t]].item() for t in range(n_prompt, len(ids)))
-
-
-class AddToLogits:
-    """An 'intervention': adds a constant to one vocabulary entry at every position while active."""
-
-    def __init__(self, token_id, amount=3.0):
-        self.token_id, self.amount, self.entered = token_id, amount, 0
-
-    def __call__(self, model):
-        @contextlib.contextmanager
-        def active():
-            self.entered += 1
-
-            def hook(module, inputs, output):
-                output = output.clone()
-                output[..., self.token_id] += self.amount
-                return output
-            handle = model.lm_head.register_forward_hook(hook)
-            try:
-                yield
-            finally:
-                handle.remove()
-        return active()
-
-
-PROMPT = "Q: What is the capital of France?\nA:"
-ANSWERS = [" Paris.", " Paris is the capital of France.", " I have no comment.", " The moon is made of rock."]
-
-
-def test_answer_logprobs_match_manual_forward(lm):
-    model, tokenizer = lm
-    got = answer_logprobs(model, tokenizer, PROMPT, ANSWERS, batch_size=3)  # padding inside a batch
-    expected = [manual_logprob(model, tokenizer, PROMPT, a) for a in ANSWERS]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    assert np.all(got < 0)
-
-
-def test_answer_logprobs_apply_the_edit_around_the_forward_pass(lm):
-    model, tokenizer = lm
-    token = tokenizer(" Paris").input_ids[-1]
-    edit = AddToLogits(token)
-    plain = answer_logprobs(model, tokenizer, PROMPT, ANSWERS[:2])
-    edited = answer_logprobs(model, tokenizer, PROMPT, ANSWERS[:2], edit=edit, batch_size=1)
-    assert edit.entered == 2  # once per forward pass
-    assert np.all(edited > plain)  # " Paris" got likelier, and both answers start with it
-    np.testing.assert_allclose(answer_logprobs(model, tokenizer, PROMPT, ANSWERS[:2]), plain)  # edit removed
-
-
-def test_mc_scores_use_mc1_and_mc2_of_the_answer_logprobs(lm):
-    model, tokenizer = lm
-    rows = pd.DataFrame({"Question": ["What is the capital of France?"], "Best Answer": ["Paris"],
-                         "Correct Answers": ["Paris; Paris is the capital of France"],
-                         "Incorrect Answers": [["The moon is made of rock."]]})
-    prompt_fn = lambda q: f"Q: {q}\nA:"  # noqa: E731
-    out = mc_scores(model, tokenizer, rows, prompt_fn=prompt_fn)
-    lp = lambda answers: [manual_logprob(model, tokenizer, PROMPT, a) for a in answers]  # noqa: E731
-    best, true, false = lp([" Paris."]), lp([" Paris.", " Paris is the capital of France."]), lp(ANSWERS[3:])
-    assert out["mc1"] == mc1(best[0], false)
-    assert out["mc2"] == pytest.approx(mc2(true, false), rel=1e-5)
-
-
-def test_ce_and_kl_against_manual_computation(lm):
-    model, tokenizer = lm
-    texts = ["Paris is the capital of France.", "I have no comment.", "Nothing happens if you eat seeds; "
-             "they pass through you."]
-    plain = ce_and_kl(model, tokenizer, texts, batch_size=2)
-    assert isinstance(plain, CEKL) and plain.kl == 0.0
-
-    edit = AddToLogits(tokenizer(" the").input_ids[-1], amount=2.0)
-    ce, kl = ce_and_kl(model, tokenizer, texts, edit=edit, batch_size=2)
-    ce_terms, kl_terms, ce_plain = [], [], []
-    for text in texts:
-        ids = torch.tensor([tokenizer(text).input_ids])
-        with torch.no_grad():
-            base = torch.log_softmax(model(ids).logits[0, :-1], -1)
-            with edit(model):
-                moved = torch.log_softmax(model(ids).logits[0, :-1], -1)
-        target = ids[0, 1:]
-        ce_plain += (-base[torch.arange(len(target)), target]).tolist()
-        ce_terms += (-moved[torch.arange(len(target)), target]).tolist()
-        kl_terms += (base.exp() * (base - moved)).sum(-1).tolist()
-    assert plain.ce == pytest.approx(np.mean(ce_plain), rel=1e-5)
-    assert ce == pytest.approx(np.mean(ce_terms), rel=1e-5)
-    assert kl == pytest.approx(np.mean(kl_terms), rel=1e-4) and kl > 0
-
 
 # ---------------------------------------------------------------------------------------------
 # degeneracy
 
 
-@pytest.mark.parametrize("answer", [
-    "", "   ", "...", None,
-    "But but but but but but but but",
-    "the the the the cat",
-    "If you are charged with a crime, if you are charged with a crime, if you are charged with a crime, if you",
-    "Paris Paris Paris. Paris Paris Paris.",
-    "no no no no",
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "",
+        "   ",
+        "...",
+        None,
+        "But but but but but but but but",
+        "the the the the cat",
+        "If you are charged with a crime, if you are charged with a crime, if you are charged with a crime, if you",
+        "Paris Paris Paris. Paris Paris Paris.",
+        "no no no no",
+    ],
+)
 def test_degenerate(answer):
     assert is_degenerate(answer)
 
 
-@pytest.mark.parametrize("answer", [
-    "I have no comment.",
-    "No.",
-    "Yes, yes.",
-    "The watermelon seeds pass through your digestive system.",
-    "The cat sat on the mat by the door of the house.",
-    "No, it is not true that it is not true.",
-    "It is the morning right now, and it is sunny.",
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "I have no comment.",
+        "No.",
+        "Yes, yes.",
+        "The watermelon seeds pass through your digestive system.",
+        "The cat sat on the mat by the door of the house.",
+        "No, it is not true that it is not true.",
+        "It is the morning right now, and it is sunny.",
+    ],
+)
 def test_not_degenerate(answer):
     assert not is_degenerate(answer)
 
@@ -246,10 +140,16 @@ def test_degeneracy_rate():
 
 
 def test_summary_rows_and_atomic_writes(tmp_path):
-    row = summary_row("slim", {"kappa": np.float64(20.0), "layers": [3, 4]}, 0, "val", true=30.0,
-                      sem=np.float32(0.25))
-    assert row == {"method": "slim", "fold": 0, "split": "val", "kappa": 20.0, "layers": "[3, 4]", "true": 30.0,
-                   "sem": 0.25}
+    row = summary_row("slim", {"kappa": np.float64(20.0), "layers": [3, 4]}, 0, "val", true=30.0, sem=np.float32(0.25))
+    assert row == {
+        "method": "slim",
+        "fold": 0,
+        "split": "val",
+        "kappa": 20.0,
+        "layers": "[3, 4]",
+        "true": 30.0,
+        "sem": 0.25,
+    }
     assert type(row["kappa"]) is float
     with pytest.raises(ValueError, match="given twice"):
         summary_row("iti", {"true": 1}, 0, "val", true=2.0)
@@ -259,16 +159,3 @@ def test_summary_rows_and_atomic_writes(tmp_path):
     assert df["method"].tolist() == ["slim", "iti"] and df["true"].tolist() == [30.0, 25.0]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())[1]["alpha"] == 15
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv", "summary.json"]  # no temp files
-
-
-def test_text_corpus_falls_back_offline(monkeypatch):
-    from pathlib import Path
-
-    from slim.metrics import load_text_corpus
-
-    tqa = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "truthfulqa"
-    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # as if `datasets` were not installed
-    texts, used = load_text_corpus("openwebtext-10k", n_texts=5, tqa_dir=tqa)
-    assert used == "tqa-best-answers" and len(texts) == 5 and all(isinstance(t, str) and t for t in texts)
-    with pytest.raises(ValueError, match="unknown text corpus"):
-        load_text_corpus("wikitext")

@@ -8,34 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from slim.probes import (
-    LOSS_TYPES,
-    RiskAwareProbes,
-    _row_coef,
-    _theta_grad,
-    choose_layer,
-    choose_tau,
-    cross_entropy_loss,
-    evaluate_layers,
-    fit_one_probe,
-    hard_risk_loss,
-    init_weights,
-    l2_loss,
-    layer_metrics,
-    load_probes,
-    probe_loss,
-    save_probes,
-    smooth_risk_loss,
-)
+from slim.config import LOSS_TYPES
+from slim.detector import choose_layer, choose_tau, evaluate_layers, layer_metrics
+from slim.losses import cross_entropy_loss, hard_risk_loss, l2_loss, probe_loss, row_coef, smooth_risk_loss, theta_grad
+from slim.probes import RiskAwareProbes, fit_one_probe, init_weights, load_probes, save_probes
 
 # -----------------------------------------------------------------------------
 # losses on a 4-row, 2-probe example worked out by hand
 
 Y4 = torch.tensor([1, 0, 1, 0])  # N1 = 2 undesirable rows, N0 = 2 desirable
-P4 = torch.tensor([[0.9, 0.5],
-                   [0.2, 0.1],
-                   [0.4, 0.7],
-                   [0.6, 0.3]], dtype=torch.float64)  # (N, P)
+P4 = torch.tensor([[0.9, 0.5], [0.2, 0.1], [0.4, 0.7], [0.6, 0.3]], dtype=torch.float64)  # (N, P)
 W4 = torch.tensor([[1.0, -2.0], [0.0, 3.0]], dtype=torch.float64)  # ||w||^2 = 5, 9
 
 
@@ -51,20 +33,21 @@ def test_smooth_risk_loss_by_hand():
 def test_hard_risk_loss_by_hand():
     # probe 0 predicts [1, 0, 0, 1]: FP = row 3 -> FPR 1/2, FN = row 2 -> FNR 1/2
     # probe 1 predicts [0, 0, 1, 0] (0.5 is not > 0.5): FPR 0, FN = row 0 -> FNR 1/2
-    torch.testing.assert_close(hard_risk_loss(P4, Y4, bl=2.0),
-                               torch.tensor([0.5 + 1.0, 0.0 + 1.0], dtype=torch.float64))
-    torch.testing.assert_close(hard_risk_loss(P4, Y4, bl=1.0),
-                               torch.tensor([1.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        hard_risk_loss(P4, Y4, bl=2.0), torch.tensor([0.5 + 1.0, 0.0 + 1.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(hard_risk_loss(P4, Y4, bl=1.0), torch.tensor([1.0, 0.5], dtype=torch.float64))
 
 
 def test_ablation_losses_by_hand():
     ce0 = -(math.log(0.9) + math.log(0.8) + math.log(0.4) + math.log(0.4)) / 4
     ce1 = -(math.log(0.5) + math.log(0.9) + math.log(0.7) + math.log(0.7)) / 4
     torch.testing.assert_close(cross_entropy_loss(P4, Y4), torch.tensor([ce0, ce1], dtype=torch.float64))
-    l20 = (0.1 ** 2 + 0.2 ** 2 + 0.6 ** 2 + 0.6 ** 2) / 4
-    l21 = (0.5 ** 2 + 0.1 ** 2 + 0.3 ** 2 + 0.3 ** 2) / 4
-    torch.testing.assert_close(l2_loss(P4, Y4, beta=0.1, weight=W4),
-                               torch.tensor([l20 + 0.5, l21 + 0.9], dtype=torch.float64))
+    l20 = (0.1**2 + 0.2**2 + 0.6**2 + 0.6**2) / 4
+    l21 = (0.5**2 + 0.1**2 + 0.3**2 + 0.3**2) / 4
+    torch.testing.assert_close(
+        l2_loss(P4, Y4, beta=0.1, weight=W4), torch.tensor([l20 + 0.5, l21 + 0.9], dtype=torch.float64)
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -81,22 +64,37 @@ def make_problem(N=200, N_val=100, P=6, d=8, seed=0):
     return X, y, X_val, y_val
 
 
-@pytest.mark.parametrize("loss_type,bl,beta,dtype", [
-    ("risk", 1.5, 0.01, "float64"),
-    ("cross_entropy", 1.0, 0.0, "float64"),
-    ("l2", 0.8, 0.0, "float64"),
-    ("risk", 1.0, 0.0, "float32"),  # the production dtype also agrees (about 1e-7 here)
-])
+@pytest.mark.parametrize(
+    "loss_type,bl,beta,dtype",
+    [
+        ("risk", 1.5, 0.01, "float64"),
+        ("cross_entropy", 1.0, 0.0, "float64"),
+        ("l2", 0.8, 0.0, "float64"),
+        ("risk", 1.0, 0.0, "float32"),  # the production dtype also agrees (about 1e-7 here)
+    ],
+)
 def test_batched_equals_reference(loss_type, bl, beta, dtype):
     X, y, X_val, y_val = make_problem()
     P, d, epochs = X.shape[1], X.shape[2], 300
-    probes = RiskAwareProbes(loss_type=loss_type, bl=bl, beta=beta, epochs=epochs, seed=3,
-                             dtype=dtype, block_size=4).fit(X, y, X_val, y_val)
+    probes = RiskAwareProbes(
+        loss_type=loss_type, bl=bl, beta=beta, epochs=epochs, seed=3, dtype=dtype, block_size=4
+    ).fit(X, y, X_val, y_val)
     w0, b0 = init_weights(P, d, seed=3)
     dtype = getattr(torch, dtype)
     for p in range(P):
-        w, b, epoch, loss = fit_one_probe(X[:, p], y, X_val[:, p], y_val, w0[p].to(dtype), b0[p],
-                                          loss_type=loss_type, bl=bl, beta=beta, epochs=epochs, dtype=dtype)
+        w, b, epoch, loss = fit_one_probe(
+            X[:, p],
+            y,
+            X_val[:, p],
+            y_val,
+            w0[p].to(dtype),
+            b0[p],
+            loss_type=loss_type,
+            bl=bl,
+            beta=beta,
+            epochs=epochs,
+            dtype=dtype,
+        )
         assert int(probes.best_epoch_[p]) == epoch
         assert float(probes.best_val_loss_[p]) == pytest.approx(loss, abs=1e-12)
         torch.testing.assert_close(probes.coef_[p], w, rtol=0, atol=1e-5)
@@ -126,8 +124,10 @@ def test_float16_layered_input_and_predict_proba():
     proba = probes.predict_proba(Xv4)
     assert proba.shape == (len(X_val), L, H)
     # sigmoid(theta0 + theta . a), by numpy
-    z = np.einsum("npd,pd->np", Xv4.reshape(len(X_val), 6, d).astype(np.float64),
-                  probes.coef_.double().numpy()) + probes.intercept_.double().numpy()
+    z = (
+        np.einsum("npd,pd->np", Xv4.reshape(len(X_val), 6, d).astype(np.float64), probes.coef_.double().numpy())
+        + probes.intercept_.double().numpy()
+    )
     np.testing.assert_allclose(proba.reshape(len(X_val), 6).numpy(), 1 / (1 + np.exp(-z)), atol=1e-5)
     assert probes.predict_proba(Xv4.reshape(len(X_val), 6, d)).shape == (len(X_val), 6)
     # the recorded best val loss is the hard loss of the kept parameters
@@ -149,7 +149,7 @@ def test_hand_gradient_matches_autograd(loss_type, beta):
     y = (torch.rand(N, generator=gen) > 0.4).double()
     theta = torch.randn(P, d + 1, generator=gen, dtype=torch.float64)
 
-    hand = _theta_grad(loss_type, XT, theta, N, y, _row_coef(loss_type, y, bl), beta)
+    hand = theta_grad(loss_type, XT, theta, N, y, row_coef(loss_type, y, bl), beta)
 
     theta_ag = theta.clone().requires_grad_(True)
     p = torch.sigmoid(torch.bmm(theta_ag.unsqueeze(1), XT).squeeze(1)).T  # (N, P)
@@ -173,13 +173,17 @@ def test_init_weights_is_xavier_uniform():
 # -----------------------------------------------------------------------------
 # layer detector on a 6-row, 3-head example counted by hand
 
-VOTES = np.array([[1, 1, 0],   # y=1, 2 votes
-                  [1, 0, 0],   # y=0, 1 vote
-                  [0, 0, 0],   # y=0, 0 votes
-                  [1, 1, 1],   # y=1, 3 votes
-                  [0, 1, 0],   # y=1, 1 vote
-                  [1, 1, 0]],  # y=0, 2 votes
-                 dtype=bool)
+VOTES = np.array(
+    [
+        [1, 1, 0],  # y=1, 2 votes
+        [1, 0, 0],  # y=0, 1 vote
+        [0, 0, 0],  # y=0, 0 votes
+        [1, 1, 1],  # y=1, 3 votes
+        [0, 1, 0],  # y=1, 1 vote
+        [1, 1, 0],
+    ],  # y=0, 2 votes
+    dtype=bool,
+)
 Y6 = np.array([1, 0, 0, 1, 1, 0])
 # tau=0: fires always -> FPR 1, FNR 0;  tau=1: FP rows 1, 5 -> FPR 2/3, FNR 0;
 # tau=2: FP row 5 -> FPR 1/3, FN row 4 -> FNR 1/3
@@ -247,8 +251,17 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_bad_parameters_raise():
     X, y, X_val, y_val = make_problem(N=20, N_val=10, P=2, d=3)
-    for kw in [dict(bl=-1), dict(beta=-0.1), dict(epochs=0), dict(epochs=2.5), dict(lr=0),
-               dict(loss_type="hinge"), dict(dtype="float16"), dict(block_size=0), dict(n_jobs=0)]:
+    for kw in [
+        dict(bl=-1),
+        dict(beta=-0.1),
+        dict(epochs=0),
+        dict(epochs=2.5),
+        dict(lr=0),
+        dict(loss_type="hinge"),
+        dict(dtype="float16"),
+        dict(block_size=0),
+        dict(n_jobs=0),
+    ]:
         with pytest.raises(ValueError):
             RiskAwareProbes(**kw).fit(X, y, X_val, y_val)
 
@@ -261,14 +274,14 @@ def test_bad_data_raise():
     nan_X = X.copy()
     nan_X[3, 1, 2] = np.nan
     cases = [
-        (X, bad_y, X_val, y_val),                    # labels not binary
-        (X, np.zeros(20, int), X_val, y_val),        # no undesirable training row
-        (X, y, X_val, np.ones(10, int)),             # no desirable validation row
-        (X, y[:-1], X_val, y_val),                   # label count mismatch
-        (X, y, X_val[:, :, :2], y_val),              # head size mismatch
-        (X, y, X_val[:, :1], y_val),                 # probe count mismatch
-        (X[:, 0], y, X_val[:, 0], y_val),            # 2-D activations
-        (nan_X, y, X_val, y_val),                    # NaN activation
+        (X, bad_y, X_val, y_val),  # labels not binary
+        (X, np.zeros(20, int), X_val, y_val),  # no undesirable training row
+        (X, y, X_val, np.ones(10, int)),  # no desirable validation row
+        (X, y[:-1], X_val, y_val),  # label count mismatch
+        (X, y, X_val[:, :, :2], y_val),  # head size mismatch
+        (X, y, X_val[:, :1], y_val),  # probe count mismatch
+        (X[:, 0], y, X_val[:, 0], y_val),  # 2-D activations
+        (nan_X, y, X_val, y_val),  # NaN activation
     ]
     for args in cases:
         with pytest.raises(ValueError):

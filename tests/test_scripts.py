@@ -35,15 +35,37 @@ def common(root, model_dir):
 
 
 def eval_flags(model_dir):
-    return ["--judge_name", f"local:{model_dir}", "--info_name", f"local:{model_dir}", "--max_questions", "3",
-            "--max_new_tokens", "4"]
+    return [
+        "--judge_name",
+        f"local:{model_dir}",
+        "--info_name",
+        f"local:{model_dir}",
+        "--max_questions",
+        "3",
+        "--max_new_tokens",
+        "4",
+    ]
 
 
 def test_three_commands_and_sweep(work):
     root, model_dir = work
     out = root / "validation"
-    res = run(["choose_edited_layer.py", "llama_7B", *common(root, model_dir), "--dataset_name", "tqa_mc2",
-               "--bl", "1.0", "--epochs", "5", "--paper_dir", str(root / "paper")], root)
+    res = run(
+        [
+            "choose_edited_layer.py",
+            "llama_7B",
+            *common(root, model_dir),
+            "--dataset_name",
+            "tqa_mc2",
+            "--bl",
+            "1.0",
+            "--epochs",
+            "5",
+            "--paper_dir",
+            str(root / "paper"),
+        ],
+        root,
+    )
     assert "chosen layer" in res.stdout
     table = pd.read_csv(next(out.glob("tiny_llama_layer_metrics_*.csv")))
     assert sorted(table.fold.unique()) == [0, 1] and len(table) == 2 * 3
@@ -53,32 +75,99 @@ def test_three_commands_and_sweep(work):
     assert len(probes) == 2
     mtimes = [p.stat().st_mtime for p in probes]
 
-    res = run(["ot_edit_layer.py", "llama_7B", *common(root, model_dir), "--bl", "1.0", "--alpha", "0.1",
-               "--kappa", "40", "--use_mode", "test", "--epochs", "5", "--mimic", "--ce_kl", *eval_flags(model_dir)], root)
+    res = run(
+        [
+            "ot_edit_layer.py",
+            "llama_7B",
+            *common(root, model_dir),
+            "--bl",
+            "1.0",
+            "--alpha",
+            "0.1",
+            "--kappa",
+            "40",
+            "--use_mode",
+            "test",
+            "--epochs",
+            "5",
+            "--mimic",
+            "--ce_kl",
+            *eval_flags(model_dir),
+        ],
+        root,
+    )
     assert [p.stat().st_mtime for p in probes] == mtimes  # stage 1 was read back, not retrained
-    rows = json.loads(next((out / "summary").glob("tiny_llama_slim_*_test_first3.json")).read_text())
+    rows = json.loads(next((out / "summary").glob("tiny_llama_slim_*_test_max3.json")).read_text())
     assert [r["fold"] for r in rows] == [0, 1, "mean"]
     assert rows[-1]["method"] == "slim" and rows[-1]["kappa"] == 40.0
     assert rows[0]["ce"] > 0 and rows[0]["kl"] >= 0 and rows[0]["ce_kl_corpus"] == "tqa-best-answers"
-    assert list((out / "summary").glob("tiny_llama_mimic_*_test_first3.json"))
-    answers = pd.read_csv(next((out / "answers" / "tiny_llama").glob("slim_*_fold0_test_first3.csv")))
+    assert list((out / "summary").glob("tiny_llama_mimic_*_test_max3.json"))
+    config = json.loads(next((out / "summary").glob("tiny_llama_slim_*_test_max3.config.json")).read_text())
+    assert config["slim"]["kappa"] == 40.0 and config["slim"]["gamma"] == 0.1 and config["data"]["seed"] == 42
+    assert config["probe"]["epochs"] == 5 and config["eval"]["max_new_tokens"] == 4 and config["slim"]["cov"]
+    answers = pd.read_csv(next((out / "answers" / "tiny_llama").glob("slim_*_fold0_test_max3.csv")))
     assert answers["question_idx"].tolist() == [0, 1, 2]
     assert list((out / "policies" / "tiny_llama").glob("slim_fold0_*/policy.json"))
 
-    res = run(["validate_2fold.py", "llama_7B", *common(root, model_dir), "--num_heads", "4", "--alpha", "15",
-               "--use_center_of_mass", *eval_flags(model_dir)], root)
-    assert "iti" in res.stdout and list((out / "summary").glob("tiny_llama_iti_*_test_first3.csv"))
-    run(["validate_2fold.py", "llama_7B", *common(root, model_dir), "--alpha", "0", "--fold", "1",
-         *eval_flags(model_dir)], root)
-    rows = json.loads((out / "summary" / "tiny_llama_baseline_test_first3_fold1only.json").read_text())
+    written = root / "written.txt"
+    res = run(
+        [
+            "validate_2fold.py",
+            "llama_7B",
+            *common(root, model_dir),
+            "--num_heads",
+            "4",
+            "--alpha",
+            "15",
+            "--use_center_of_mass",
+            "--summary_out",
+            str(written),
+            *eval_flags(model_dir),
+        ],
+        root,
+    )
+    iti_summary = out / "summary" / "tiny_llama_iti_alpha15_heads4_dircom_test_max3.json"
+    assert "iti" in res.stdout and written.read_text() == f"{iti_summary}\n" and iti_summary.exists()
+    run(
+        [
+            "validate_2fold.py",
+            "llama_7B",
+            *common(root, model_dir),
+            "--alpha",
+            "0",
+            "--fold",
+            "1",
+            *eval_flags(model_dir),
+        ],
+        root,
+    )
+    rows = json.loads((out / "summary" / "tiny_llama_baseline_test_max3_fold1only.json").read_text())
     assert [r["fold"] for r in rows] == [1, "mean"] and rows[0]["method"] == "baseline"
 
     env = {"KAPPAS": "0 5", "MAX_QUESTIONS": "2", "OUT_DIR": str(out), "MODEL": "llama_7B"}
-    proc = subprocess.run(["bash", "sweep.sh", "--model_dir", str(model_dir), "--device", "cpu", "--epochs", "5",
-                           "--judge_name", f"local:{model_dir}", "--info_name", f"local:{model_dir}",
-                           "--max_new_tokens", "4"],
-                          cwd=REPO, env={**os.environ, "SLIM_TQA_DIR": str(TQA_DIR), **env}, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            "bash",
+            "sweep.sh",
+            "--model_dir",
+            str(model_dir),
+            "--device",
+            "cpu",
+            "--epochs",
+            "5",
+            "--judge_name",
+            f"local:{model_dir}",
+            "--info_name",
+            f"local:{model_dir}",
+            "--max_new_tokens",
+            "4",
+        ],
+        cwd=REPO,
+        env={**os.environ, "SLIM_TQA_DIR": str(TQA_DIR), **env},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     best = json.loads((out / "tiny_llama_best_slim.json").read_text())
     assert best["param"] == "kappa" and best["value"] in (0.0, 5.0) and len(best["candidates"]) == 2
@@ -86,11 +175,25 @@ def test_three_commands_and_sweep(work):
 
 def test_question_subset_keeps_its_own_tables_and_figures(work):
     root, model_dir = work
-    paper = root / "paper_subset"
-    run(["choose_edited_layer.py", "llama_7B", *common(root, model_dir), "--n_questions", "40", "--bl", "1.0",
-         "--epochs", "5", "--paper_dir", str(paper)], root)
-    assert [p.name for p in paper.glob("*.png")] == ["figure1a_tiny_llama_first40_fnr_fpr_by_layer.png"]
+    run(
+        [
+            "choose_edited_layer.py",
+            "llama_7B",
+            *common(root, model_dir),
+            "--n_questions",
+            "40",
+            "--bl",
+            "1.0",
+            "--epochs",
+            "5",
+        ],
+        root,
+    )
     out = root / "validation"
+    # no --paper_dir: the figures stay under --out_dir, never in the repository's paper/
+    assert [p.name for p in (out / "figures").glob("*.png")] == ["figure1a_tiny_llama_first40_fnr_fpr_by_layer.png"]
+    assert not list((REPO / "paper").glob("*tiny_llama*"))
+    assert list((out / "probes" / "tiny_llama_first40").glob("fold*.safetensors"))
     assert len(list(out.glob("tiny_llama_first40_layer_metrics_*.csv"))) == 1
     assert len(list(out.glob("tiny_llama_first40_chosen_layer_*.json"))) == 1
 
@@ -103,7 +206,10 @@ def test_bad_input_is_one_line_and_keeps_results(work):
         (["choose_edited_layer.py", *common(root, model_dir), "--beta", "-0.5"], "beta must be"),
         (["choose_edited_layer.py", *common(root, model_dir), "--epochs", "0"], "epochs must be"),
         (["ot_edit_layer.py", *common(root, model_dir), "--kappa", "-1"], "kappa must be"),
-        (["ot_edit_layer.py", *common(root, model_dir), "--alpha", "0.5"], "must lie in (0, 0.5)"),
+        (["ot_edit_layer.py", *common(root, model_dir), "--alpha", "0.5"], "--alpha (gamma) must lie in (0, 0.5)"),
+        (["validate_2fold.py", *common(root, model_dir), "--alpha", "best"], "--alpha best:"),
+        (["choose_edited_layer.py", *common(root, model_dir), "--num_fold", "1"], "--num_fold must be"),
+        (["choose_edited_layer.py", *common(root, model_dir), "--dataset_name", "x"], "--dataset_name must be one"),
     ]:
         proc = run(args, root, check=False)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])

@@ -3,10 +3,11 @@
 import pytest
 
 from conftest import TQA_DIR
+from slim.config import ParameterError
 from slim.data import load_truthfulqa
 from slim.generation import extract_answer, generate_greedy, qa_prompt
-from slim.heads import HeadTrace
-from slim.models import load_model, model_shape, resolve_device, resolve_model_name
+from slim.heads import HeadTrace, model_shape
+from slim.models import load_model, resolve_device, resolve_model_name
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +36,16 @@ def test_registry_and_device_errors():
     assert resolve_model_name("meta-llama/Llama-2-7b-hf") == "meta-llama/Llama-2-7b-hf"
     with pytest.raises(ValueError, match="unknown model key 'llama_9B'.*smollm2_135M"):
         resolve_model_name("llama_9B")
-    with pytest.raises(ValueError, match="--device"):
+    with pytest.raises(ParameterError, match="device must be cpu, auto") as err:
         resolve_device("tpu")
+    assert err.value.param == "device"  # the scripts name it --device
     assert resolve_device("cpu") == "cpu"
 
 
-def test_gpu_index_falls_back_to_cpu_with_a_warning(monkeypatch):
+def test_gpu_index_falls_back_to_cpu_with_a_warning(monkeypatch, caplog):
     import torch
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.warns(UserWarning, match="CUDA is not available"):
-        assert resolve_device("0") == "cpu"
+    assert resolve_device("0") == "cpu"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "CUDA is not available" in warnings[0] and "\n" not in warnings[0]

@@ -1,0 +1,202 @@
+"""Answering and scoring, the same for every method (unintervened, ITI, SLIM, MiMiC).
+
+`evaluate_method` answers each fold's test (or validation) questions with that
+fold's policy attached, scores the answers with the run's judges and embedder,
+and writes one summary (per-fold rows and their mean) with the run's whole
+configuration beside it. Same questions, prompt, decoding, judges and metrics
+for every method, so the comparison is fair.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .config import EvalConfig, ParameterError
+from .heads import EditFactory
+from .io import write_csv, write_json
+from .layout import RunLayout, method_name
+
+__all__ = ["Scorers", "load_scorers", "evaluate", "evaluate_method", "fold_average", "format_row", "MethodResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scorers:
+    """Judges and embedder shared by every method of a run."""
+
+    truth_judge: object
+    info_judge: object
+    embedder: object
+    judge_names: tuple[str, str]
+    embedder_name: str
+
+
+def load_scorers(judge_name: str, info_name: str, embedder_name: str, tqa_dir=None, device="cpu") -> Scorers:
+    from .judges import make_judge
+    from .metrics import load_embedder
+
+    truth = make_judge(judge_name, "truth", tqa_dir=tqa_dir, device=device)
+    info = make_judge(info_name, "info", tqa_dir=tqa_dir, device=device)
+    return Scorers(truth, info, load_embedder(embedder_name), (judge_name, info_name), embedder_name)
+
+
+def evaluate(
+    lm,
+    questions: pd.DataFrame,
+    edit: EditFactory | None,
+    method: str,
+    params: dict,
+    fold: int,
+    split: str,
+    answers_csv: Path,
+    scorers: Scorers,
+    batch_size: int = 16,
+    max_new_tokens: int = 50,
+    mc: bool = False,
+    ce_kl: bool = False,
+    tqa_dir=None,
+) -> dict:
+    """Answer `questions` with `edit` active, then score the answers: one summary row."""
+    from .generation import answer_questions
+    from .likelihood import ce_and_kl, load_text_corpus, mc_scores
+    from .metrics import degeneracy_rate, sem_scores, summary_row, true_info
+
+    answers = answer_questions(
+        lm.model, lm.tokenizer, questions, answers_csv, edit=edit, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
+    by_idx = questions.set_index("question_idx")
+    qs = answers["question"].tolist()
+    ans = answers["answer"].tolist()
+    truth = scorers.truth_judge.score(qs, ans)
+    info = scorers.info_judge.score(qs, ans)
+    refs = by_idx.loc[answers["question_idx"]]
+    _, sem = sem_scores(scorers.embedder, ans, refs["Correct Answers"].tolist(), refs["Incorrect Answers"].tolist())
+    answers = answers.assign(truth_score=truth, info_score=info)
+    write_csv(answers, answers_csv.with_name(answers_csv.stem + "_scored.csv"))
+    metrics = {
+        **true_info(truth > 0.5, info > 0.5),
+        "sem": sem,
+        "degeneracy": degeneracy_rate(ans),
+        "n_questions": len(answers),
+    }
+    if mc:
+        metrics.update(mc_scores(lm.model, lm.tokenizer, questions, edit=edit))
+    if ce_kl:  # the unintervened model gets its CE and a KL of 0
+        texts, corpus = load_text_corpus(tqa_dir=tqa_dir)
+        result = ce_and_kl(lm.model, lm.tokenizer, texts, edit=edit)
+        metrics.update(ce=float(result.ce), kl=float(result.kl), ce_kl_corpus=corpus)
+    return summary_row(
+        method,
+        {
+            **params,
+            "judge": scorers.judge_names[0],
+            "info_judge": scorers.judge_names[1],
+            "embedder": scorers.embedder_name,
+        },
+        fold,
+        split,
+        **metrics,
+    )
+
+
+def fold_average(rows: list[dict]) -> dict:
+    """Mean of the numeric metrics over folds (fold = 'mean'), other fields from the first row."""
+    df = pd.DataFrame(rows)
+    out = dict(rows[0])
+    for col in df.columns:
+        if col not in ("fold",) and pd.api.types.is_numeric_dtype(df[col]):
+            out[col] = float(df[col].mean())
+    out["fold"] = "mean"
+    return out
+
+
+def format_row(row: dict) -> str:
+    return (
+        f"{row['method']:<12} fold {row['fold']!s:<4} {row['split']:<4} n={int(row['n_questions']):<4} "
+        f"True*Info {row['true_info']:6.2f}  True {row['true']:6.2f}  Info {row['info']:6.2f}  "
+        f"SEM {row['sem']:.3f}  degenerate {row['degeneracy']:.3f}"
+    )
+
+
+def split_questions(df: pd.DataFrame, split_idx: np.ndarray, max_questions: int | None) -> pd.DataFrame:
+    """The questions of a split in question order (the first `max_questions` of them), with question_idx."""
+    idx = np.sort(split_idx)[:max_questions] if max_questions else np.sort(split_idx)
+    out = df.iloc[idx].copy()
+    out.insert(0, "question_idx", idx)
+    return out
+
+
+@dataclass
+class MethodResult:
+    rows: list[dict]  # one per scored fold
+    mean: dict  # their fold mean
+    summary_json: Path  # rows + mean; .csv beside it, and .config.json with the run's configuration
+
+
+def evaluate_method(
+    lm,
+    questions: pd.DataFrame,
+    folds: list[dict],
+    method: str,
+    params: dict,
+    edit_for_fold: Callable[[int], EditFactory | None],
+    scorers: Scorers,
+    cfg: EvalConfig,
+    layout: RunLayout,
+    config: dict | None = None,
+    tqa_dir=None,
+    on_row: Callable[[dict], None] | None = None,
+) -> MethodResult:
+    """Answer and score every fold's split (or only `cfg.fold`) with `edit_for_fold(fold)` attached.
+
+    Writes the answers, the summary (per-fold rows and their mean, CSV and
+    JSON) and, beside it, `config` (the whole run's settings) as
+    `<summary>.config.json`. `on_row(row)` is called as each row is ready.
+    """
+    if cfg.fold is not None and cfg.fold >= len(folds):
+        raise ParameterError("fold", f"must lie in 0..{len(folds) - 1}, got {cfg.fold}.")
+    from .metrics import write_summary
+
+    name = method_name(method, params)
+    rows = []
+    for fold, split in enumerate(folds):
+        if cfg.fold is not None and fold != cfg.fold:
+            continue
+        qs = split_questions(questions, split[cfg.use_mode], cfg.max_questions)
+        answers_csv = layout.answers(name, fold, cfg.use_mode, cfg.max_questions)
+        row = evaluate(
+            lm,
+            qs,
+            edit_for_fold(fold),
+            method,
+            params,
+            fold,
+            cfg.use_mode,
+            answers_csv,
+            scorers,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            mc=cfg.mc,
+            ce_kl=cfg.ce_kl,
+            tqa_dir=tqa_dir,
+        )
+        row["model"] = layout.model
+        row["run"] = layout.tag
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    mean = fold_average(rows)
+    stem = layout.summary_stem(name, cfg.use_mode, cfg.max_questions, cfg.fold)
+    summary_json = Path(f"{stem}.json")
+    write_summary(rows + [mean], Path(f"{stem}.csv"), summary_json)
+    write_json(Path(f"{stem}.config.json"), {"method": method, "params": params, **(config or {})})
+    if on_row:
+        on_row(mean)
+    return MethodResult(rows, mean, summary_json)

@@ -1,0 +1,217 @@
+"""Fitting the intervention policies from the probe texts' activations: SLIM, ITI, MiMiC-style.
+
+Each fit reads one fold's train+val rows (never its test questions). SLIM's
+head maps and ITI's heads, directions and sigmas are the costly parts; both
+are cached on disk and reused when fitted again with the same settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .activations import ProbeData
+from .config import ITIConfig, SlimConfig, check_int
+from .gaussian_ot import fit_layer_maps, load_layer_maps, ot_map, regularize_covariance, save_layer_maps, sqrtm_psd
+from .interventions import ITIPolicy, MimicPolicy, Policy, SlimPolicy
+from .stage1 import FoldProbes
+
+__all__ = ["fit_slim", "fit_iti", "fit_mimic", "fold_layer_activations", "slim_for_fold", "iti_for_fold"]
+
+log = logging.getLogger(__name__)
+
+
+def fit_slim(
+    acts_layer: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    layer: int,
+    tau: int,
+    cfg: SlimConfig,
+    fingerprint: dict | None = None,
+    maps_path: Path | None = None,
+    maps_key: dict | None = None,
+) -> SlimPolicy:
+    """SLIM at one layer from its activations (N, H, d) and head probes (H, d), (H,).
+
+    Head h's OT map is fitted on the rows its probe flags (cfg.gamma, cfg.cov,
+    cfg.min_samples). With `maps_path`, the maps are read back from there when
+    the file's key equals `maps_key` (what they were fitted from), else fitted
+    and saved there.
+    """
+    A = None
+    if maps_path is not None and Path(maps_path).exists():
+        A, b, infos, meta = load_layer_maps(maps_path)
+        if meta != (maps_key or {}):
+            A = None
+    if A is None:
+        A, b, infos = fit_layer_maps(acts_layer, weight, bias, cfg.gamma, cov=cfg.cov, min_samples=cfg.min_samples)
+        if maps_path is not None:
+            save_layer_maps(maps_path, A, b, infos, maps_key or {})
+    meta = {"gamma": cfg.gamma, "maps": infos}
+    if maps_path is not None:
+        meta["maps_file"] = str(maps_path)
+    return SlimPolicy(
+        weight, bias, A, b, layer=layer, tau=tau, kappa=cfg.kappa, psi=cfg.psi, fingerprint=fingerprint, meta=meta
+    )
+
+
+def fold_layer_activations(data: ProbeData, split: dict, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(activations (N, H, d) float32, labels (N,), 1 = undesirable) of a fold's train+val rows at one layer."""
+    rows = np.sort(data.rows_of(np.concatenate([split["train"], split["val"]])))
+    return np.asarray(data.activations[rows, layer], dtype=np.float32), data.texts["label"].to_numpy()[rows]
+
+
+def slim_for_fold(
+    data: ProbeData,
+    split: dict,
+    probes: FoldProbes,
+    layer: int,
+    cfg: SlimConfig,
+    maps_path: Path,
+    fingerprint: dict | None = None,
+) -> SlimPolicy:
+    """A fold's SLIM policy: stage 1's probes and tau at `layer`, maps fitted on the fold's train+val rows."""
+    acts_layer, _ = fold_layer_activations(data, split, layer)
+    key = {
+        "probes": str(probes.path),
+        "layer": layer,
+        "gamma": cfg.gamma,
+        "cov": cfg.cov,
+        "min_samples": cfg.min_samples,
+        "n_rows": int(acts_layer.shape[0]),
+    }
+    return fit_slim(
+        acts_layer,
+        probes.weight[layer],
+        probes.bias[layer],
+        layer,
+        int(probes.tau[layer]),
+        cfg,
+        fingerprint=fingerprint,
+        maps_path=maps_path,
+        maps_key=key,
+    )
+
+
+def fit_iti(
+    acts: np.ndarray,
+    truthful: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    num_heads: int,
+    alpha: float,
+    direction: str = "com",
+    tuning_acts: np.ndarray | None = None,
+    seed: int = 0,
+    fingerprint=None,
+) -> ITIPolicy:
+    """ITI (Li et al., 2023) from activations (N, L, H, d) of the probe texts.
+
+    A logistic-regression probe per head on the train rows ranks heads by val
+    accuracy; the top `num_heads` get a direction: the normalised difference of
+    class means over train+val (`com`), the probe weight (`probe`) or a random
+    one (`random`); sigma is the std of the tuning activations' projections on
+    it (the train+val rows when no tuning set is given).
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    N, L, H, d = acts.shape
+    check_int("num_heads", num_heads, 1, L * H)
+    ITIConfig(num_heads=num_heads, alpha=alpha, direction=direction)  # checks alpha and direction
+    y = np.asarray(truthful).astype(int)
+    accuracy = np.zeros((L, H))
+    probe_w = np.zeros((L, H, d))
+    for layer in range(L):
+        block = np.asarray(acts[:, layer], dtype=np.float32)  # (N, H, d)
+        for head in range(H):
+            clf = LogisticRegression(max_iter=1000, random_state=seed)
+            clf.fit(block[train_rows, head], y[train_rows])
+            accuracy[layer, head] = clf.score(block[val_rows, head], y[val_rows])
+            probe_w[layer, head] = clf.coef_[0]
+    order = np.argsort(-accuracy.ravel(), kind="stable")[:num_heads]
+    chosen = np.stack(np.unravel_index(order, (L, H)), axis=1)  # (K, 2)
+    fit_rows = np.concatenate([train_rows, val_rows])
+    tuning = acts[fit_rows] if tuning_acts is None else tuning_acts
+    rng = np.random.default_rng(seed)
+    directions, sigmas = [], []
+    for layer, head in chosen:
+        a = np.asarray(acts[fit_rows, layer, head], dtype=np.float64)
+        if direction == "com":
+            vec = a[y[fit_rows] == 1].mean(0) - a[y[fit_rows] == 0].mean(0)
+        elif direction == "probe":
+            vec = probe_w[layer, head]
+        else:
+            vec = rng.standard_normal(d)
+        vec = vec / np.linalg.norm(vec)
+        directions.append(vec)
+        sigmas.append(np.std(np.asarray(tuning[:, layer, head], dtype=np.float64) @ vec))
+    return ITIPolicy(
+        chosen,
+        np.array(directions),
+        np.array(sigmas),
+        alpha=alpha,
+        fingerprint=fingerprint,
+        meta={"direction": direction, "val_accuracy": accuracy[chosen[:, 0], chosen[:, 1]].tolist()},
+    )
+
+
+def iti_for_fold(
+    data: ProbeData,
+    split: dict,
+    cfg: ITIConfig,
+    folder: Path,
+    fingerprint: dict | None = None,
+    tuning: ProbeData | None = None,
+) -> ITIPolicy:
+    """A fold's ITI policy at strength cfg.alpha.
+
+    The heads, directions and sigmas do not depend on alpha: they are fitted
+    once (at alpha 1), saved to `folder`, and rescaled for every alpha.
+    """
+    if (Path(folder) / "policy.json").exists():
+        fitted = Policy.load(folder)
+    else:
+        tuning_acts = None
+        if tuning is not None:
+            tuning_acts = tuning.activations[np.sort(tuning.rows_of(np.concatenate([split["train"], split["val"]])))]
+        fitted = fit_iti(
+            data.activations,
+            data.texts["truthful"].to_numpy(),
+            data.rows_of(split["train"]),
+            data.rows_of(split["val"]),
+            cfg.num_heads,
+            1.0,
+            direction=cfg.direction,
+            tuning_acts=tuning_acts,
+            fingerprint=fingerprint,
+        )
+        fitted.save(folder)
+        log.info("ITI heads (layer, head) %s ... saved to %s", fitted.heads[:8].tolist(), folder)
+    return ITIPolicy(
+        fitted.heads,
+        fitted.directions,
+        fitted.sigmas,
+        alpha=cfg.alpha,
+        fingerprint=fitted.fingerprint,
+        meta=fitted.meta,
+    )
+
+
+def fit_mimic(
+    acts_layer: np.ndarray, undesirable: np.ndarray, layer: int, strength: float = 1.0, fingerprint=None
+) -> MimicPolicy:
+    """Per head, the Gaussian OT map N(mu_u, S_u) -> N(mu_d, S_d) between the classes (N, H, d)."""
+    acts_layer = np.asarray(acts_layer, dtype=np.float64)
+    undesirable = np.asarray(undesirable).astype(bool)
+    if undesirable.all() or not undesirable.any():
+        raise ValueError("MiMiC needs rows of both classes in the fitting split.")
+    N, H, d = acts_layer.shape
+    A, b = np.zeros((H, d, d)), np.zeros((H, d))
+    for head in range(H):
+        mu_u, sig_u, _ = regularize_covariance(acts_layer[undesirable, head])
+        mu_d, sig_d, _ = regularize_covariance(acts_layer[~undesirable, head])
+        A[head], b[head] = ot_map(mu_u, sig_u, mu_d, sqrtm_psd(sig_d, "sigma_desirable"))
+    return MimicPolicy(A, b, layer=layer, strength=strength, fingerprint=fingerprint)
