@@ -11,7 +11,7 @@ beside every summary.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 __all__ = ["ParameterError", "DataConfig", "ProbeConfig", "SlimConfig", "ITIConfig", "EvalConfig", "run_config", "fmt"]
 
@@ -198,7 +198,3 @@ class EvalConfig:
 def run_config(**parts) -> dict:
     """One JSON-able record of a run: dataclasses as dicts, other values as given."""
     return {name: asdict(part) if hasattr(part, "__dataclass_fields__") else part for name, part in parts.items()}
-
-
-def field_names(cls) -> list[str]:
-    return [f.name for f in fields(cls)]
