@@ -41,14 +41,7 @@ def main():
     layout = su.run_layout(args, figure_dir=args.paper_dir)
 
     df, folds = questions_and_folds(data_cfg, layout.splits_dir)
-    data = load_probe_data(
-        df,
-        data_cfg.dataset_name,
-        layout.features(data_cfg.dataset_name),
-        layout.tag,
-        su.model_loader(args),
-        args.batch_size,
-    )
+    data = load_probe_data(df, data_cfg.dataset_name, layout, su.model_loader(args), args.batch_size)
     device = su.compute_device(args)
     fold_probes = fit_stage1(data, folds, cfg, layout, data_cfg.dataset_name, device)
     table = layer_table(fold_probes, cfg)

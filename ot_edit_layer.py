@@ -18,7 +18,7 @@ import slim_utils as su
 from slim.activations import load_probe_data
 from slim.config import COVARIANCES, PSI, SlimConfig, run_config
 from slim.data import questions_and_folds
-from slim.evaluation import evaluate_method, load_scorers
+from slim.evaluation import evaluate_methods
 from slim.fit import fit_mimic, fold_layer_activations, slim_for_fold
 from slim.interventions import model_fingerprint
 from slim.stage1 import chosen_layers, fit_stage1
@@ -54,9 +54,7 @@ def main():
 
     df, folds = questions_and_folds(data_cfg, layout.splits_dir)
     load = su.model_loader(args)
-    data = load_probe_data(
-        df, data_cfg.dataset_name, layout.features(data_cfg.dataset_name), layout.tag, load, args.batch_size
-    )
+    data = load_probe_data(df, data_cfg.dataset_name, layout, load, args.batch_size)
     fold_probes = fit_stage1(data, folds, probe_cfg, layout, data_cfg.dataset_name, su.compute_device(args))
     layers = chosen_layers(fold_probes, cfg.criterion)
     lm = load()
@@ -65,8 +63,9 @@ def main():
     policies, mimics = {}, {}
     for fold, split in enumerate(folds):
         layer = layers[fold]
+        acts_layer, labels = fold_layer_activations(data, split, layer)  # read once for SLIM and MiMiC
         policy = slim_for_fold(
-            data, split, fold_probes[fold], layer, cfg, layout.maps(fold, layer, cfg, probe_cfg), fingerprint
+            acts_layer, fold_probes[fold], layer, cfg, layout.maps(fold, layer, cfg, probe_cfg), fingerprint
         )
         folder = policy.save(layout.slim_policy(fold, layer, cfg))
         moved = sum(m["status"] == "moved" for m in policy.meta["maps"])
@@ -76,39 +75,17 @@ def main():
         )
         policies[fold] = policy
         if args.mimic:
-            mimics[fold] = fit_mimic(*fold_layer_activations(data, split, layer), layer, fingerprint=fingerprint)
+            mimics[fold] = fit_mimic(acts_layer, labels, layer, fingerprint=fingerprint)
 
     config = run_config(
-        model={"name": args.model_name, "model_dir": args.model_dir, "device": args.device},
-        data=data_cfg,
-        probe=probe_cfg,
-        slim=cfg,
-        eval=eval_cfg,
-        chosen_layers=layers,
+        model=su.model_settings(args), data=data_cfg, probe=probe_cfg, slim=cfg, eval=eval_cfg, chosen_layers=layers
     )
-    scorers = load_scorers(eval_cfg.judge_name, eval_cfg.info_name, eval_cfg.embedder, data_cfg.tqa_dir)
     runs = [("slim", {"kappa": cfg.kappa, "gamma": cfg.gamma, "psi": cfg.psi, "bl": probe_cfg.bl}, policies)]
     if args.mimic:
         runs.append(("mimic", {"bl": probe_cfg.bl}, mimics))
-    summaries = []
-    for method, params, by_fold in runs:
-        result = evaluate_method(
-            lm,
-            df,
-            folds,
-            method,
-            params,
-            by_fold.get,
-            scorers,
-            eval_cfg,
-            layout,
-            config,
-            data_cfg.tqa_dir,
-            on_row=su.print_row,
-        )
-        print(f"summary: {result.summary_json}")
-        summaries.append(result.summary_json)
-    su.write_summary_paths(args, summaries)
+    su.report_summaries(
+        args, evaluate_methods(lm, df, folds, runs, eval_cfg, layout, config, data_cfg.tqa_dir, su.print_row)
+    )
 
 
 if __name__ == "__main__":

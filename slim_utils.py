@@ -119,13 +119,25 @@ def knob(value: str, layout: RunLayout, method: str, param: str) -> float:
     return float(json.loads(path.read_text())["value"])
 
 
+def model_settings(args) -> dict:
+    return {
+        "name": args.model_name,
+        "model_dir": args.model_dir,
+        "device": args.device,
+        "head_layout": args.head_layout,
+    }
+
+
 def print_row(row: dict) -> None:
     print(format_row(row), flush=True)
 
 
-def write_summary_paths(args, paths) -> None:
-    if args.summary_out:  # for the shell drivers: the summary JSON(s) this run wrote, one per line
-        write_text(args.summary_out, "".join(f"{p}\n" for p in paths))
+def report_summaries(args, results) -> None:
+    """Print where each summary went; with --summary_out also write the paths there, one per line."""
+    for result in results:
+        print(f"summary: {result.summary_json}")
+    if args.summary_out:  # for the shell drivers
+        write_text(args.summary_out, "".join(f"{r.summary_json}\n" for r in results))
 
 
 class _OneLine(logging.Formatter):

@@ -18,7 +18,7 @@ import slim_utils as su
 from slim.activations import load_probe_data
 from slim.config import TUNING_DATASETS, ITIConfig, run_config
 from slim.data import questions_and_folds
-from slim.evaluation import evaluate_method, load_scorers
+from slim.evaluation import evaluate_methods
 from slim.fit import iti_for_fold
 from slim.interventions import model_fingerprint
 
@@ -51,22 +51,14 @@ def main():
     df, folds = questions_and_folds(data_cfg, layout.splits_dir)
     load = su.model_loader(args)
     lm = load()
-    config = run_config(
-        model={"name": args.model_name, "model_dir": args.model_dir, "device": args.device},
-        data=data_cfg,
-        eval=eval_cfg,
-    )
+    config = run_config(model=su.model_settings(args), data=data_cfg, eval=eval_cfg)
     if cfg.alpha == 0:
         method, params, policies = "baseline", {}, {}
     else:
-        data = load_probe_data(
-            df, data_cfg.dataset_name, layout.features(data_cfg.dataset_name), layout.tag, load, args.batch_size
-        )
+        data = load_probe_data(df, data_cfg.dataset_name, layout, load, args.batch_size)
         tuning = None
         if cfg.tuning_dataset == "tqa_gen_end_q":
-            tuning = load_probe_data(
-                df, "tqa_gen_end_q", layout.features("tqa_gen_end_q"), layout.tag, load, args.batch_size
-            )
+            tuning = load_probe_data(df, "tqa_gen_end_q", layout, load, args.batch_size)
         fingerprint = model_fingerprint(lm.model)
         policies = {
             fold: iti_for_fold(
@@ -76,23 +68,10 @@ def main():
         }
         method, params = "iti", {"alpha": cfg.alpha, "heads": cfg.num_heads, "dir": kind}
         config["iti"] = run_config(iti=cfg)["iti"]
-    scorers = load_scorers(eval_cfg.judge_name, eval_cfg.info_name, eval_cfg.embedder, data_cfg.tqa_dir)
-    result = evaluate_method(
-        lm,
-        df,
-        folds,
-        method,
-        params,
-        policies.get,
-        scorers,
-        eval_cfg,
-        layout,
-        config,
-        data_cfg.tqa_dir,
-        on_row=su.print_row,
+    runs = [(method, params, policies)]
+    su.report_summaries(
+        args, evaluate_methods(lm, df, folds, runs, eval_cfg, layout, config, data_cfg.tqa_dir, su.print_row)
     )
-    print(f"summary: {result.summary_json}")
-    su.write_summary_paths(args, [result.summary_json])
 
 
 if __name__ == "__main__":

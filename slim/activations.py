@@ -28,6 +28,7 @@ from . import __version__
 from .data import PROBE_TEXT_FORMAT, probe_texts
 from .heads import HeadTrace, left_padded_positions, model_shape
 from .io import write_json
+from .layout import RunLayout
 
 # Bump when the extraction itself changes (what is stored, not how fast).
 EXTRACTION_VERSION = 1
@@ -212,18 +213,18 @@ class ProbeData:
 def load_probe_data(
     questions: pd.DataFrame,
     dataset_name: str,
-    path: str | os.PathLike,
-    run_tag: str,
+    layout: RunLayout,
     load_model: Callable[[], object],
     batch_size: int = 16,
 ) -> ProbeData:
-    """The probe texts of `questions` and their activations, read from `path` or extracted there.
+    """The probe texts of `questions` and their activations, read from the run's cache or extracted into it.
 
     `load_model()` returns a loaded model (slim.models.LoadedModel); it is only
     called when the cache is missing or stale.
     """
     texts = probe_texts(questions, dataset_name)
     text_list = texts["text"].tolist()
+    path, run_tag = layout.features(dataset_name), layout.tag
     acts = load_cached_activations(text_list, path, run_tag, dataset_name)
     if acts is None:
         lm = load_model()

@@ -22,7 +22,16 @@ from .heads import EditFactory
 from .io import write_csv, write_json
 from .layout import RunLayout, method_name
 
-__all__ = ["Scorers", "load_scorers", "evaluate", "evaluate_method", "fold_average", "format_row", "MethodResult"]
+__all__ = [
+    "Scorers",
+    "load_scorers",
+    "evaluate",
+    "evaluate_method",
+    "fold_average",
+    "format_row",
+    "MethodResult",
+    "evaluate_methods",
+]
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +209,24 @@ def evaluate_method(
     if on_row:
         on_row(mean)
     return MethodResult(rows, mean, summary_json)
+
+
+def evaluate_methods(
+    lm,
+    questions: pd.DataFrame,
+    folds: list[dict],
+    runs: list[tuple[str, dict, dict]],
+    cfg: EvalConfig,
+    layout: RunLayout,
+    config: dict | None = None,
+    tqa_dir=None,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[MethodResult]:
+    """`evaluate_method` for each (method, params, {fold: policy}) of `runs`, all scored by the same judges."""
+    scorers = load_scorers(cfg.judge_name, cfg.info_name, cfg.embedder, tqa_dir)
+    return [
+        evaluate_method(
+            lm, questions, folds, method, params, policies.get, scorers, cfg, layout, config, tqa_dir, on_row
+        )
+        for method, params, policies in runs
+    ]

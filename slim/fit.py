@@ -65,16 +65,15 @@ def fold_layer_activations(data: ProbeData, split: dict, layer: int) -> tuple[np
 
 
 def slim_for_fold(
-    data: ProbeData,
-    split: dict,
+    acts_layer: np.ndarray,
     probes: FoldProbes,
     layer: int,
     cfg: SlimConfig,
     maps_path: Path,
     fingerprint: dict | None = None,
 ) -> SlimPolicy:
-    """A fold's SLIM policy: stage 1's probes and tau at `layer`, maps fitted on the fold's train+val rows."""
-    acts_layer, _ = fold_layer_activations(data, split, layer)
+    """A fold's SLIM policy: stage 1's probes and tau at `layer`, maps fitted on `acts_layer` (N, H, d),
+    the fold's train+val rows at that layer (`fold_layer_activations`)."""
     key = {
         "probes": str(probes.path),
         "layer": layer,
