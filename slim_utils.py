@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from slim.config import LAYER_CRITERIA, LOSS_TYPES, DataConfig, EvalConfig, ParameterError, ProbeConfig
 from slim.evaluation import format_row
-from slim.io import write_text
+from slim.io import DamagedArtefact, hold_folder, write_text
 from slim.layout import RunLayout, model_tag
 from slim.models import DEFAULT_MODEL, MODEL_REGISTRY, load_model, resolve_device, resolve_model_name
 
@@ -60,6 +61,14 @@ EVAL_FLAGS = [
     ("--mc", dict(action="store_true", help="also compute MC1/MC2 (slow on a CPU)")),
     ("--ce_kl", dict(action="store_true", help="also compute CE loss and KL to the unintervened model")),
     ("--summary_out", dict(default=None, help="write the summary JSON path(s) here, one per line")),
+    (
+        "--no_prefix_cache",
+        dict(dest="prefix_cache", action="store_false", help="run every prompt in full (no shared-prompt cache)"),
+    ),
+    (
+        "--no_stop_at_answer",
+        dict(dest="stop_at_answer", action="store_false", help="decode all --max_new_tokens steps"),
+    ),
 ]
 
 
@@ -84,10 +93,13 @@ def probe_config(args) -> ProbeConfig:
 
 def eval_config(args) -> EvalConfig:
     names = ("use_mode", "judge_name", "info_name", "embedder", "max_questions", "fold", "max_new_tokens", "batch_size")
-    return EvalConfig(*(getattr(args, n) for n in names), args.mc, args.ce_kl)
+    return EvalConfig(*(getattr(args, n) for n in names), args.mc, args.ce_kl, args.prefix_cache, args.stop_at_answer)
 
 
 def run_layout(args, figure_dir=None) -> RunLayout:
+    """The run's output paths; the run holds --out_dir from here on (a second run on it waits, or with
+    SLIM_NO_WAIT=1 stops in one line), so two runs never write the same files at once."""
+    hold_folder(args.out_dir, wait=not os.environ.get("SLIM_NO_WAIT"))
     return RunLayout(
         Path(args.out_dir),
         model_tag(args.model_name, args.model_dir),
@@ -116,7 +128,10 @@ def knob(value: str, layout: RunLayout, method: str, param: str) -> float:
     path = layout.best(method)
     if not path.exists():
         raise ParameterError(param, f"best: {path} does not exist; run sweep.sh (METHOD={method}) first.")
-    return float(json.loads(path.read_text())["value"])
+    try:
+        return float(json.loads(path.read_text())["value"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise DamagedArtefact(path, f"{type(err).__name__}: {err}", f"run sweep.sh (METHOD={method}) again.") from None
 
 
 def model_settings(args) -> dict:
@@ -146,11 +161,17 @@ class _OneLine(logging.Formatter):
         return msg if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {msg}"
 
 
+def _warning_to_log(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.warn` (ours or a library's) as one logged line: its category and message, no source line."""
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
+
+
 def run_main(main, flags: dict[str, str] | None = None) -> None:
     """Run a script's main; expected failures print one line, naming parameters by their `flags`."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLine())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    warnings.showwarning = _warning_to_log
     try:
         main()
     except (ValueError, RuntimeError, FileNotFoundError) as err:
@@ -161,5 +182,5 @@ def run_main(main, flags: dict[str, str] | None = None) -> None:
             message = f"{flags[err.param]} ({err.param}) {err.requirement}"
         elif isinstance(err, ParameterError):
             message = f"--{err.param} {err.requirement}"
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)  # one line, whatever the message
         sys.exit(2)

@@ -12,9 +12,11 @@ One module per concern, in pipeline order:
     gaussian_ot   the exact head-wise chance-constrained SDP and the Gaussian OT map
     interventions SLIM, ITI and MiMiC-style policies (attach, save, load)
     fit           fitting the policies from a fold's activations
-    generation    TruthfulQA prompting and batched greedy decoding
+    prefix        the shared prompt's key/value cache, computed once and reused by every batch
+    generation    TruthfulQA prompting and batched greedy decoding that stops at the answer's end
+    likelihood    MC1/MC2 and CE/KL from the model's log-probabilities
     judges        truth / informativeness judges (OpenAI API, local LM, offline)
-    metrics       True*Info, SEM, MC1/MC2, CE/KL, degeneracy, summaries
+    metrics       True*Info, SEM, degeneracy, summaries
     evaluation    answering and scoring a method on every fold, the summary files
     sweep         choosing a knob from validation summaries
     reports       figures and the comparison table
@@ -27,12 +29,14 @@ from .config import DataConfig, EvalConfig, ITIConfig, ParameterError, ProbeConf
 from .data import load_truthfulqa, probe_texts, questions_and_folds
 from .evaluation import evaluate_method, load_scorers
 from .fit import fit_iti, fit_mimic, fit_slim, iti_for_fold, slim_for_fold
-from .generation import answer_questions, extract_answer, generate_greedy, qa_prompt
+from .generation import answer_closed, answer_questions, extract_answer, generate_greedy, qa_prompt, shared_prefix
 from .heads import HeadLayout, HeadTrace, model_shape, set_head_layout
 from .interventions import ITIPolicy, MimicPolicy, Policy, SlimPolicy, model_fingerprint
 from .judges import make_judge
 from .layout import RunLayout
+from .likelihood import mc_scores
 from .models import LoadedModel, load_model
+from .prefix import PrefixCache
 from .probes import RiskAwareProbes
 from .stage1 import chosen_layers, fit_stage1, layer_table
 
@@ -77,9 +81,13 @@ __all__ = [
     "iti_for_fold",
     # answering and scoring
     "qa_prompt",
+    "shared_prefix",
+    "PrefixCache",
     "generate_greedy",
     "answer_questions",
+    "answer_closed",
     "extract_answer",
+    "mc_scores",
     "make_judge",
     "load_scorers",
     "evaluate_method",

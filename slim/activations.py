@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data import PROBE_TEXT_FORMAT, probe_texts
 from .heads import HeadTrace, left_padded_positions, model_shape
-from .io import write_json
+from .io import file_record, sha256_file, write_json
 from .layout import RunLayout
+
+log = logging.getLogger(__name__)
 
 # Bump when the extraction itself changes (what is stored, not how fast).
 EXTRACTION_VERSION = 1
@@ -80,16 +83,71 @@ def _manifest(texts, model_name, dataset_name, text_format) -> dict:
 def load_cached_activations(
     texts: list[str], path: str | os.PathLike, model_name: str, dataset_name: str, text_format: str = PROBE_TEXT_FORMAT
 ) -> np.ndarray | None:
-    """The finished cache at `path` (.npy) for exactly these texts, or None (no model needed to look)."""
+    """The finished cache at `path` (.npy) for exactly these texts, or None (no model needed to look).
+
+    A damaged cache is None too: `cached_head_activations` then says so and extracts it again.
+    """
     array_path = Path(path)
     manifest_path = array_path.with_suffix(".json")
     if not (manifest_path.exists() and array_path.exists()):
         return None
-    old = json.loads(manifest_path.read_text())
+    old = _read_manifest(manifest_path)
     expected = _manifest(texts, model_name, dataset_name, text_format)
-    if {k: old.get(k) for k in expected} != expected or old.get("rows_done", 0) < len(texts):
+    if old is None or {k: old.get(k) for k in expected} != expected or old.get("rows_done", 0) < len(texts):
+        return None
+    if _cache_problem(array_path, manifest_path, old):
         return None
     return np.load(array_path, mmap_mode="r")
+
+
+def _read_manifest(manifest_path: Path) -> dict | None:
+    """The manifest, or None when it is unreadable (the cache is then extracted again)."""
+    try:
+        old = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _npy_size(array_path: Path, shape: list[int]) -> int | str:
+    """The size the .npy file of this shape (float16) must have, from its own header; or what is wrong with it."""
+    try:
+        with open(array_path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
+            got_shape, _, dtype = read_header(f)
+            offset = f.tell()
+    except (OSError, ValueError, EOFError) as err:
+        return f"unreadable .npy header: {err}"
+    if list(got_shape) != list(shape) or dtype != np.float16:
+        return f"holds {dtype} {list(got_shape)}, the manifest says float16 {list(shape)}"
+    return offset + int(np.prod(shape)) * 2
+
+
+def _cache_problem(array_path: Path, manifest_path: Path, manifest: dict) -> str | None:
+    """What is wrong with the cache against its manifest (None: it is sound).
+
+    The size is always checked (from the manifest, or for caches written
+    before it recorded one, from the .npy header); a finished cache's sha256
+    too. A finished cache written before sha256s were recorded gets one now,
+    so later damage is caught.
+    """
+    expected = manifest.get("bytes")
+    if expected is None and "shape" in manifest:
+        expected = _npy_size(array_path, manifest["shape"])
+        if isinstance(expected, str):
+            return expected
+    size = array_path.stat().st_size
+    if expected is not None and size != expected:
+        return f"{size} bytes, {expected} written"
+    if manifest.get("rows_done", 0) < manifest.get("rows", 0):
+        return None  # unfinished: its rows are checked by the size only, and it resumes
+    if "sha256" in manifest:
+        return None if sha256_file(array_path) == manifest["sha256"] else "its sha256 differs from the manifest's"
+    write_json(manifest_path, {**manifest, **file_record(array_path)})
+    return None
 
 
 def cached_head_activations(
@@ -171,15 +229,22 @@ def _fill_cache(
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     done, seconds = 0, 0.0
     if manifest_path.exists() and array_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if {k: old.get(k) for k in manifest} == manifest:
-            done, seconds = int(old.get("rows_done", 0)), float(old.get("seconds", 0.0))
-            if done >= len(texts):
-                return np.load(array_path, mmap_mode="r")
+        old = _read_manifest(manifest_path)
+        problem = "unreadable manifest" if old is None else None
+        if old is not None and {k: old.get(k) for k in manifest} == manifest:
+            problem = _cache_problem(array_path, manifest_path, old)
+            if not problem:
+                done, seconds = int(old.get("rows_done", 0)), float(old.get("seconds", 0.0))
+                if done >= len(texts):
+                    return np.load(array_path, mmap_mode="r")
+        if problem:
+            log.warning("activation cache %s is damaged (%s): extracting it again.", array_path, problem)
     if done == 0:
         array = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float16, shape=tuple(manifest["shape"]))
+        manifest["bytes"] = os.path.getsize(array_path)  # a cache cut short later is told by its size
         write_json(manifest_path, {**manifest, "rows_done": 0})
     else:
+        manifest["bytes"] = int(old["bytes"]) if "bytes" in old else array_path.stat().st_size
         array = np.load(array_path, mmap_mode="r+")
     with tqdm(
         total=len(texts), initial=done, desc=f"activations {dataset_name}", disable=not progress, unit="text"
@@ -194,6 +259,8 @@ def _fill_cache(
             write_json(manifest_path, {**manifest, "rows_done": start + len(rows), "seconds": seconds})
             bar.update(len(rows))
     del array
+    # finished: its sha256 goes into the manifest, checked whenever the cache is read back
+    write_json(manifest_path, {**manifest, "rows_done": len(texts), "seconds": seconds, **file_record(array_path)})
     return np.load(array_path, mmap_mode="r")
 
 

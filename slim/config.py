@@ -184,6 +184,8 @@ class EvalConfig:
     batch_size: int = 16
     mc: bool = False
     ce_kl: bool = False
+    prefix_cache: bool = True  # run the shared instruction and primer once, reuse their key/value cache
+    stop_at_answer: bool = True  # end each generation once its answer is closed (same answers, fewer steps)
 
     def __post_init__(self):
         check_choice("use_mode", self.use_mode, SPLITS)

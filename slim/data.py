@@ -8,6 +8,7 @@ download of the public files, accepted only when its sha256 matches.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import urllib.error
@@ -20,6 +21,8 @@ import pandas as pd
 from .config import DATASETS, DataConfig, ParameterError
 from .io import write_csv
 from .models import cache_root
+
+log = logging.getLogger(__name__)
 
 # File name in the cache -> (path in the public repository, sha256).
 TQA_FILES = {
@@ -96,6 +99,7 @@ def find_truthfulqa_file(
             raise DataUnavailableError(
                 f"{candidate} does not exist: point --tqa_dir / SLIM_TQA_DIR at the folder holding {name}."
             )
+        _warn_if_modified(candidate, TQA_FILES[name][1])
         return candidate
     cache = Path(cache_dir) if cache_dir else cache_root() / "truthfulqa"
     cached = cache / name
@@ -106,6 +110,32 @@ def find_truthfulqa_file(
         cached.unlink()  # a damaged cache entry is fetched again
     base = base_url or os.environ.get("SLIM_TQA_BASE_URL") or DEFAULT_BASE_URL
     return download_file(base.rstrip("/") + "/" + remote_path, cached, sha256)
+
+
+_CHECKED: set[Path] = set()
+
+
+def _warn_if_modified(path: Path, sha256: str) -> None:
+    """A file the user points at may be their own version, so it is used; but a copy cut short or edited
+    would change every result quietly, so a difference from the published file is said once."""
+    if path in _CHECKED:
+        return
+    _CHECKED.add(path)
+    if sha256_of(path) != sha256:
+        log.warning(
+            "%s differs from the published %s (sha256): results are not comparable with the published data; "
+            "point --tqa_dir / SLIM_TQA_DIR at an unmodified copy unless this is meant.",
+            path,
+            path.name,
+        )
+
+
+def damaged_data(path: Path, err: Exception) -> DataUnavailableError:
+    """A TruthfulQA file that does not parse: which file, what is wrong, and how to get a good one."""
+    return DataUnavailableError(
+        f"{path} is damaged ({type(err).__name__}: {' '.join(str(err).split())[:120]}): delete it to download it "
+        "again (when it is the cached copy), or point --tqa_dir / SLIM_TQA_DIR at a good copy."
+    )
 
 
 def split_answers(cell) -> list[str]:
@@ -120,7 +150,10 @@ def split_answers(cell) -> list[str]:
 def load_truthfulqa(path=None, **kw) -> pd.DataFrame:
     """The 817 questions in CSV order, answer lists parsed into Python lists."""
     csv = find_truthfulqa_file("TruthfulQA.csv", path, **kw)
-    df = pd.read_csv(csv)
+    try:
+        df = pd.read_csv(csv)
+    except (ValueError, UnicodeDecodeError) as err:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise damaged_data(csv, err) from None
     missing = {"Question", "Best Answer", "Correct Answers", "Incorrect Answers"} - set(df.columns)
     if missing:
         raise DataUnavailableError(f"{csv} is not the TruthfulQA CSV (missing columns {sorted(missing)}).")

@@ -71,6 +71,8 @@ def evaluate(
     mc: bool = False,
     ce_kl: bool = False,
     tqa_dir=None,
+    prefix_cache: bool = True,
+    stop_at_answer: bool = True,
 ) -> dict:
     """Answer `questions` with `edit` active, then score the answers: one summary row."""
     from .generation import answer_questions
@@ -78,7 +80,15 @@ def evaluate(
     from .metrics import degeneracy_rate, sem_scores, summary_row, true_info
 
     answers = answer_questions(
-        lm.model, lm.tokenizer, questions, answers_csv, edit=edit, batch_size=batch_size, max_new_tokens=max_new_tokens
+        lm.model,
+        lm.tokenizer,
+        questions,
+        answers_csv,
+        edit=edit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        prefix_cache=prefix_cache,
+        stop_at_answer=stop_at_answer,
     )
     by_idx = questions.set_index("question_idx")
     qs = answers["question"].tolist()
@@ -96,7 +106,7 @@ def evaluate(
         "n_questions": len(answers),
     }
     if mc:
-        metrics.update(mc_scores(lm.model, lm.tokenizer, questions, edit=edit))
+        metrics.update(mc_scores(lm.model, lm.tokenizer, questions, edit=edit, prefix_cache=prefix_cache))
     if ce_kl:  # the unintervened model gets its CE and a KL of 0
         texts, corpus = load_text_corpus(tqa_dir=tqa_dir)
         result = ce_and_kl(lm.model, lm.tokenizer, texts, edit=edit)
@@ -195,6 +205,8 @@ def evaluate_method(
             mc=cfg.mc,
             ce_kl=cfg.ce_kl,
             tqa_dir=tqa_dir,
+            prefix_cache=cfg.prefix_cache,
+            stop_at_answer=cfg.stop_at_answer,
         )
         row["model"] = layout.model
         row["run"] = layout.tag

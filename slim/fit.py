@@ -16,6 +16,7 @@ from .activations import ProbeData
 from .config import ITIConfig, SlimConfig, check_int
 from .gaussian_ot import fit_layer_maps, load_layer_maps, ot_map, regularize_covariance, save_layer_maps, sqrtm_psd
 from .interventions import ITIPolicy, MimicPolicy, Policy, SlimPolicy
+from .io import DamagedArtefact, warn_rebuild
 from .stage1 import FoldProbes
 
 __all__ = ["fit_slim", "fit_iti", "fit_mimic", "fold_layer_activations", "slim_for_fold", "iti_for_fold"]
@@ -43,9 +44,13 @@ def fit_slim(
     """
     A = None
     if maps_path is not None and Path(maps_path).exists():
-        A, b, infos, meta = load_layer_maps(maps_path)
-        if meta != (maps_key or {}):
-            A = None
+        try:
+            A, b, infos, meta = load_layer_maps(maps_path)
+        except DamagedArtefact as err:
+            warn_rebuild(err, "fitting the maps again.")
+        else:
+            if meta != (maps_key or {}):
+                A = None
     if A is None:
         A, b, infos = fit_layer_maps(acts_layer, weight, bias, cfg.gamma, cov=cfg.cov, min_samples=cfg.min_samples)
         if maps_path is not None:
@@ -170,9 +175,13 @@ def iti_for_fold(
     The heads, directions and sigmas do not depend on alpha: they are fitted
     once (at alpha 1), saved to `folder`, and rescaled for every alpha.
     """
+    fitted = None
     if (Path(folder) / "policy.json").exists():
-        fitted = Policy.load(folder)
-    else:
+        try:
+            fitted = Policy.load(folder)
+        except DamagedArtefact as err:
+            warn_rebuild(err, "fitting ITI's heads again.")
+    if fitted is None:
         tuning_acts = None
         if tuning is not None:
             tuning_acts = tuning.activations[np.sort(tuning.rows_of(np.concatenate([split["train"], split["val"]])))]

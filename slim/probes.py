@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .config import ProbeConfig
-from .io import atomic_path
+from .io import reading, write_checked
 from .losses import hard_risk_loss, logit_grad, probe_loss, risk_from_counts, row_coef
 
 # torch.optim.Adam defaults, repeated by the in-place batched Adam below
@@ -352,7 +352,8 @@ class RiskAwareProbes:
 def save_probes(path, weight, bias, tau, meta=None):
     """Write weight (L, H, d), bias (L, H), tau (L,) and a JSON-able meta dict to path.
 
-    Atomic: written to a temporary file beside path, then moved over it.
+    Atomic: written to a temporary file beside path, then moved over it; its
+    size and sha256 go to `<path>.sha256.json` for load_probes to check.
     """
     from safetensors.torch import save_file
 
@@ -368,14 +369,19 @@ def save_probes(path, weight, bias, tau, meta=None):
         meta_json = json.dumps(meta or {})
     except TypeError as e:
         raise ValueError(f"meta must be JSON-serialisable (plain numbers, strings, lists, dicts): {e}") from None
-    with atomic_path(path) as tmp:
-        save_file({"weight": weight, "bias": bias, "tau": tau}, tmp, metadata={"meta": meta_json})
+    write_checked(
+        path, lambda tmp: save_file({"weight": weight, "bias": bias, "tau": tau}, tmp, metadata={"meta": meta_json})
+    )
 
 
 def load_probes(path):
-    """Read what save_probes wrote: (weight (L, H, d), bias (L, H), tau (L,), meta dict)."""
+    """Read what save_probes wrote: (weight (L, H, d), bias (L, H), tau (L,), meta dict).
+
+    A file that differs from its record or does not parse raises DamagedArtefact (slim.io).
+    """
     from safetensors import safe_open
 
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-        return f.get_tensor("weight"), f.get_tensor("bias"), f.get_tensor("tau"), meta
+    with reading(path, "delete it to train the probes again (choose_edited_layer.py)."):
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            return f.get_tensor("weight"), f.get_tensor("bias"), f.get_tensor("tau"), meta

@@ -15,6 +15,7 @@ import pandas as pd
 from .activations import ProbeData, texts_digest
 from .config import ProbeConfig
 from .detector import choose_layer, evaluate_layers
+from .io import DamagedArtefact, warn_rebuild
 from .layout import RunLayout
 from .probes import RiskAwareProbes, load_probes, save_probes
 
@@ -48,9 +49,13 @@ def train_fold_probes(
         "val_rows": texts_digest([str(r) for r in val_rows]),
     }
     if path.exists():
-        weight, bias, tau, meta = load_probes(path)
-        if {k: meta.get(k) for k in meta_expected} == meta_expected:
-            return FoldProbes(weight.numpy(), bias.numpy(), tau.numpy(), meta["layer_rows"], path)
+        try:
+            weight, bias, tau, meta = load_probes(path)
+        except DamagedArtefact as err:
+            warn_rebuild(err, "training the probes again.")
+        else:
+            if {k: meta.get(k) for k in meta_expected} == meta_expected:
+                return FoldProbes(weight.numpy(), bias.numpy(), tau.numpy(), meta["layer_rows"], path)
     # sorted rows read the memory-mapped activations in order
     train_rows, val_rows = np.sort(train_rows), np.sort(val_rows)
     X_train = np.asarray(acts[train_rows])  # (N, L, H, d) float16

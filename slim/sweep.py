@@ -84,5 +84,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    except (ValueError, RuntimeError) as err:  # bad settings; a damaged summary (slim.io.DamagedArtefact)
+        raise SystemExit(f"error: {' '.join(str(err).split())}") from None

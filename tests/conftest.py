@@ -63,7 +63,7 @@ def tokenizer():
     return make_tokenizer()
 
 
-def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0):
+def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0, max_positions: int = 128):
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -82,7 +82,7 @@ def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0):
             num_hidden_layers=3,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=128,
+            max_position_embeddings=max_positions,
             pad_token_id=0,
             eos_token_id=2,
             bos_token_id=2,
@@ -94,7 +94,7 @@ def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0):
             n_embd=32,
             n_layer=3,
             n_head=4,
-            n_positions=128,
+            n_positions=max_positions,
             pad_token_id=0,
             eos_token_id=2,
             bos_token_id=2,
@@ -107,7 +107,7 @@ def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0):
             intermediate_size=64,
             num_hidden_layers=3,
             num_attention_heads=4,
-            max_position_embeddings=128,
+            max_position_embeddings=max_positions,
             rotary_pct=0.5,
             pad_token_id=0,
             eos_token_id=2,

@@ -411,7 +411,8 @@ def test_save_load_roundtrip(tmp_path):
     meta = {"layer": 7, "gamma": 0.1, "model": "smollm2-135m", "nested": {"tau": np.int64(3)}}
     path = tmp_path / "maps.safetensors"
     save_layer_maps(path, A, b, infos, meta)
-    assert os.listdir(tmp_path) == ["maps.safetensors"]  # no temporary file left behind
+    # no temporary file left behind; the record of size and sha256 beside it
+    assert sorted(os.listdir(tmp_path)) == ["maps.safetensors", "maps.safetensors.sha256.json"]
     A2, b2, infos2, meta2 = load_layer_maps(path)
     assert A2.dtype == A.dtype and b2.dtype == b.dtype
     np.testing.assert_array_equal(A2, A)

@@ -158,4 +158,9 @@ def test_summary_rows_and_atomic_writes(tmp_path):
     df = pd.read_csv(tmp_path / "out" / "summary.csv")
     assert df["method"].tolist() == ["slim", "iti"] and df["true"].tolist() == [30.0, 25.0]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())[1]["alpha"] == 15
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.csv", "summary.json"]  # no temp files
+    # no temp files; the JSON, read back by the sweep, has its record of size and sha256 beside it
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "summary.csv",
+        "summary.json",
+        "summary.json.sha256.json",
+    ]

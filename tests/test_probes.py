@@ -238,7 +238,8 @@ def test_save_load_roundtrip(tmp_path):
     w, b, t, meta = load_probes(path)
     assert torch.equal(w, weight) and torch.equal(b, bias) and torch.equal(t, tau)
     assert meta == {"model": "smollm2", "bl": 1.0, "layer": 2}
-    assert os.listdir(tmp_path) == ["probes.safetensors"]  # no temporary file left behind
+    # no temporary file left behind; the record of size and sha256 beside it
+    assert sorted(os.listdir(tmp_path)) == ["probes.safetensors", "probes.safetensors.sha256.json"]
     with pytest.raises(ValueError):
         save_probes(path, weight, bias[:2], tau)
     with pytest.raises(ValueError):

