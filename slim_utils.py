@@ -36,7 +36,7 @@ COMMON_FLAGS = [
     ("--num_fold", dict(type=int, default=2)),
     ("--val_ratio", dict(type=float, default=0.2)),
     ("--seed", dict(type=int, default=42, help="fold split seed")),
-    ("--batch_size", dict(type=int, default=16)),
+    ("--batch_size", dict(type=int, default=16, help="texts a forward pass when extracting activations")),
     ("--tqa_dir", dict(default=None, help="folder of TruthfulQA.csv (else SLIM_TQA_DIR, cache, download)")),
     ("--out_dir", dict(default=str(VALIDATION_DIR), help="where outputs go")),
     ("--n_questions", dict(type=int, default=None, help="only the first N questions (quick runs)")),
@@ -58,6 +58,10 @@ EVAL_FLAGS = [
     ("--max_questions", dict(type=int, default=None, help="score the first N questions of each split")),
     ("--fold", dict(type=int, default=None, help="score only this fold (default: every fold)")),
     ("--max_new_tokens", dict(type=int, default=50)),
+    (
+        "--answer_batch_size",
+        dict(type=int, default=64, help="questions answered at once (--batch_size is for activations)"),
+    ),
     ("--mc", dict(action="store_true", help="also compute MC1/MC2 (slow on a CPU)")),
     ("--ce_kl", dict(action="store_true", help="also compute CE loss and KL to the unintervened model")),
     ("--summary_out", dict(default=None, help="write the summary JSON path(s) here, one per line")),
@@ -92,8 +96,15 @@ def probe_config(args) -> ProbeConfig:
 
 
 def eval_config(args) -> EvalConfig:
-    names = ("use_mode", "judge_name", "info_name", "embedder", "max_questions", "fold", "max_new_tokens", "batch_size")
-    return EvalConfig(*(getattr(args, n) for n in names), args.mc, args.ce_kl, args.prefix_cache, args.stop_at_answer)
+    names = ("use_mode", "judge_name", "info_name", "embedder", "max_questions", "fold", "max_new_tokens")
+    return EvalConfig(
+        *(getattr(args, n) for n in names),
+        args.answer_batch_size,
+        args.mc,
+        args.ce_kl,
+        args.prefix_cache,
+        args.stop_at_answer,
+    )
 
 
 def run_layout(args, figure_dir=None) -> RunLayout:

@@ -15,11 +15,12 @@ One module per concern, in pipeline order:
     prefix        the shared prompt's key/value cache, computed once and reused by every batch
     generation    TruthfulQA prompting and batched greedy decoding that stops at the answer's end
     likelihood    MC1/MC2 and CE/KL from the model's log-probabilities
-    judges        truth / informativeness judges (OpenAI API, local LM, offline)
+    judges        truth / informativeness judges, a package: base (interface, make_judge), openai, local, offline
     metrics       True*Info, SEM, degeneracy, summaries
     evaluation    answering and scoring a method on every fold, the summary files
     sweep         choosing a knob from validation summaries
-    reports       figures and the comparison table
+    reports       figures and the comparison table (one judge per table)
+    audit         labelling a sample of answers by hand, and the judges' agreement with any labels
 """
 
 __version__ = "0.1.0"

@@ -181,7 +181,7 @@ class EvalConfig:
     max_questions: int | None = None  # only the first N questions of each fold's split
     fold: int | None = None  # only this fold
     max_new_tokens: int = 50
-    batch_size: int = 16
+    batch_size: int = 64  # questions answered at once: each decoding step reads the weights once for all of them
     mc: bool = False
     ce_kl: bool = False
     prefix_cache: bool = True  # run the shared instruction and primer once, reuse their key/value cache

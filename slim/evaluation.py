@@ -66,16 +66,21 @@ def evaluate(
     split: str,
     answers_csv: Path,
     scorers: Scorers,
-    batch_size: int = 16,
+    batch_size: int = 64,
     max_new_tokens: int = 50,
     mc: bool = False,
     ce_kl: bool = False,
     tqa_dir=None,
     prefix_cache: bool = True,
     stop_at_answer: bool = True,
+    scored_csv: Path | None = None,
 ) -> dict:
-    """Answer `questions` with `edit` active, then score the answers: one summary row."""
+    """Answer `questions` with `edit` active, then score the answers: one summary row.
+
+    The answers go to `answers_csv` (resumed if it exists), the scored answers to `scored_csv`
+    (default: beside it, `<answers>_scored.csv`)."""
     from .generation import answer_questions
+    from .judges import judge_identity
     from .likelihood import ce_and_kl, load_text_corpus, mc_scores
     from .metrics import degeneracy_rate, sem_scores, summary_row, true_info
 
@@ -98,7 +103,7 @@ def evaluate(
     refs = by_idx.loc[answers["question_idx"]]
     _, sem = sem_scores(scorers.embedder, ans, refs["Correct Answers"].tolist(), refs["Incorrect Answers"].tolist())
     answers = answers.assign(truth_score=truth, info_score=info)
-    write_csv(answers, answers_csv.with_name(answers_csv.stem + "_scored.csv"))
+    write_csv(answers, scored_csv or answers_csv.with_name(answers_csv.stem + "_scored.csv"))
     metrics = {
         **true_info(truth > 0.5, info > 0.5),
         "sem": sem,
@@ -117,6 +122,8 @@ def evaluate(
             **params,
             "judge": scorers.judge_names[0],
             "info_judge": scorers.judge_names[1],
+            "judge_id": judge_identity(scorers.truth_judge),  # name and weights hash: see slim.judges.base
+            "info_judge_id": judge_identity(scorers.info_judge),
             "embedder": scorers.embedder_name,
         },
         fold,
@@ -189,11 +196,18 @@ def evaluate_method(
         if cfg.fold is not None and fold != cfg.fold:
             continue
         qs = split_questions(questions, split[cfg.use_mode], cfg.max_questions)
-        answers_csv = layout.answers(name, fold, cfg.use_mode, cfg.max_questions)
+        edit, answered_by = edit_for_fold(fold), name
+        if getattr(edit, "moves_nothing", False):
+            # e.g. SLIM at kappa 0: its answers are the unintervened model's, token for token (tested), so
+            # the unintervened answers are read or written instead of answering the same questions again.
+            edit, answered_by = None, "baseline"
+        answers_csv = layout.answers(answered_by, fold, cfg.use_mode, cfg.max_questions)
+        own = layout.answers(name, fold, cfg.use_mode, cfg.max_questions)
+        scored_csv = own.with_name(own.stem + "_scored.csv")
         row = evaluate(
             lm,
             qs,
-            edit_for_fold(fold),
+            edit,
             method,
             params,
             fold,
@@ -207,7 +221,9 @@ def evaluate_method(
             tqa_dir=tqa_dir,
             prefix_cache=cfg.prefix_cache,
             stop_at_answer=cfg.stop_at_answer,
+            scored_csv=scored_csv,
         )
+        row["answers_of"] = answered_by
         row["model"] = layout.model
         row["run"] = layout.tag
         rows.append(row)

@@ -292,7 +292,7 @@ def answer_questions(
     questions: pd.DataFrame,
     out_csv: str | os.PathLike,
     edit: EditFactory | None = None,
-    batch_size: int = 16,
+    batch_size: int = 64,
     max_new_tokens: int = 50,
     instruction: bool = True,
     progress: bool = True,

@@ -64,6 +64,12 @@ class Policy:
     def edit(self, layer: int, acts: torch.Tensor) -> None:
         raise NotImplementedError
 
+    @property
+    def moves_nothing(self) -> bool:
+        """True when the edit leaves every activation exactly as it is (e.g. SLIM at kappa 0): the answers are
+        then the unintervened model's, and evaluation reuses those instead of answering again."""
+        return False
+
     def check_model(self, model) -> None:
         got = model_fingerprint(model)
         if self.fingerprint and got != self.fingerprint:
@@ -170,6 +176,11 @@ class SlimPolicy(Policy):
     def params(self) -> dict:
         return {"layer": self.layer, "tau": self.tau, "kappa": self.kappa, "psi": self.psi}
 
+    @property
+    def moves_nothing(self) -> bool:
+        # omega = psi(kappa p v) is 0 everywhere at kappa 0 with psi identity (softmax still moves: 1 / votes)
+        return self.kappa == 0 and self.psi == "identity"
+
     def _on(self, device) -> tuple[torch.Tensor, ...]:
         if device not in self._cache:
             self._cache = {device: tuple(t.to(device) for t in (self.weight, self.bias, self.A, self.b))}
@@ -224,6 +235,10 @@ class ITIPolicy(Policy):
     def params(self) -> dict:
         return {"alpha": self.alpha}
 
+    @property
+    def moves_nothing(self) -> bool:
+        return self.alpha == 0 or len(self.heads) == 0
+
     def edit(self, layer: int, acts: torch.Tensor) -> None:
         heads, shift = self._by_layer[layer]
         acts[:, -1, heads.to(acts.device)] += shift.to(device=acts.device, dtype=acts.dtype)
@@ -250,6 +265,10 @@ class MimicPolicy(Policy):
 
     def params(self) -> dict:
         return {"layer": self.layer, "strength": self.strength}
+
+    @property
+    def moves_nothing(self) -> bool:
+        return self.strength == 0
 
     def edit(self, layer: int, acts: torch.Tensor) -> None:
         a = acts[:, -1].float()  # (batch, H, d)

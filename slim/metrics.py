@@ -249,3 +249,40 @@ def read_summary(path) -> tuple[list[dict], dict]:
     if not means:
         raise ValueError(f"{path} has no fold-mean row: pass a summary JSON written by the scripts.")
     return [r for r in rows if r.get("fold") != "mean"], means[0]
+
+
+# (kind, name field, identity field) of the judges in a summary row; the identity is `Judge.identity`
+JUDGE_FIELDS = (("truth", "judge", "judge_id", "--judge_name"), ("info", "info_judge", "info_judge_id", "--info_name"))
+
+
+def check_same_judges(rows: Sequence[dict], sources: Sequence[str] | None = None) -> list[int]:
+    """Refuse to compare rows scored by different judges; return the indices of rows without judge identities.
+
+    Rows are compared by their judges' identities (`judge_id`, `info_judge_id`:
+    name and a hash of the weights or the endpoint model). A row written
+    before identities were recorded is accepted when its judges' names
+    (`judge`, `info_judge`), where given, match the other rows'; its index is
+    returned so the caller can say that its judges are known by name only.
+    Different judges raise a one-line ValueError naming both, with
+    `sources[i]` (e.g. the summary file) naming row i.
+    """
+    sources = [str(s) for s in sources] if sources is not None else [f"row {i}" for i in range(len(rows))]
+    unrecorded: set[int] = set()
+    for kind, name_field, id_field, flag in JUDGE_FIELDS:
+        for field in (id_field, name_field):
+            seen = None  # (index, value) of the first row that records this field
+            for i, row in enumerate(rows):
+                value = row.get(field)
+                if field == id_field and not value:
+                    unrecorded.add(i)
+                if not value:
+                    continue
+                if seen is None:
+                    seen = (i, value)
+                elif value != seen[1]:
+                    raise ValueError(
+                        f"{sources[seen[0]]} and {sources[i]} were scored by different {kind} judges "
+                        f"({seen[1]} and {value}): compare results of one judge only: rerun the evaluation that wrote "
+                        f"one of them with the other's judge ({flag}; its answers are kept and scored again)."
+                    )
+    return sorted(unrecorded)

@@ -83,12 +83,19 @@ def markdown_table(df: pd.DataFrame, columns: list[str], floatfmt: str = "{:.3f}
 
 
 def comparison_table(summaries: list[str | os.PathLike]) -> pd.DataFrame:
-    """One row per method: the fold-mean row of each summary JSON."""
-    from .metrics import read_summary
+    """One row per method: the fold-mean row of each summary JSON.
 
+    Summaries scored by different judges are refused (one-line ValueError
+    naming both judges). Columns `judge_id` and `info_judge_id` hold the
+    judges' identities, None for a summary written before they were recorded
+    (accepted when its judges' names match; `judges_note` says so).
+    """
+    from .metrics import check_same_judges, read_summary
+
+    read = [read_summary(path) for path in summaries]
+    check_same_judges([r for _, r in read], summaries)
     rows = []
-    for path in summaries:
-        fold_rows, r = read_summary(path)
+    for fold_rows, r in read:
         knobs = {"slim": "kappa", "iti": "alpha", "mimic": "strength"}
         knob = knobs.get(r["method"])
         setting = f"{knob} = {r[knob]:g}" if knob in r else "-"
@@ -106,9 +113,35 @@ def comparison_table(summaries: list[str | os.PathLike]) -> pd.DataFrame:
                 "degenerate": r["degeneracy"],
                 "MC1": r.get("mc1", float("nan")),
                 "MC2": r.get("mc2", float("nan")),
+                "judge": r.get("judge"),
+                "info_judge": r.get("info_judge"),
+                "judge_id": r.get("judge_id"),
+                "info_judge_id": r.get("info_judge_id"),
             }
         )
     return pd.DataFrame(rows)
+
+
+def judges_note(table: pd.DataFrame) -> str:
+    """One line under a comparison table: its judges, and the rows whose judges are known by name only."""
+    if table.empty:
+        return ""
+    recorded = table["judge_id"].notna() & table["info_judge_id"].notna()
+    parts = []
+    if recorded.any():
+        first = table[recorded].iloc[0]
+        parts.append(f"Judges: truth `{first['judge_id']}`, info `{first['info_judge_id']}`.")
+    if not recorded.all():
+        old = table[~recorded]
+        labels = [m if s == "-" else f"{m} ({s})" for m, s in zip(old["method"], old["setting"])]
+        pairs = zip(old["judge"], old["info_judge"])
+        names = {f"{t} / {i}" for t, i in pairs if isinstance(t, str) and isinstance(i, str)}
+        by_name = f"; judged by {', '.join(sorted(names))} by name" if names else ""
+        parts.append(
+            f"Judge identity not recorded for {', '.join(labels)} (summaries written before judges were "
+            f"identified{by_name}): rerun their evaluations to record it."
+        )
+    return " ".join(parts)
 
 
 def main(argv=None):
@@ -129,6 +162,8 @@ def main(argv=None):
     for c in ("True*Info", "True %", "Info %"):
         fmt_table[c] = fmt_table[c].map(lambda v: f"{v:.1f}")
     text = f"### {args.title}\n\n" + markdown_table(fmt_table, cols)
+    note = judges_note(table)
+    text += f"\n{note}\n" if note else ""
     stamp = datetime.date.today().isoformat()
     text += f"\nProduced {stamp}" + (f" by `{args.command}`" if args.command else "") + ".\n"
     print(text)
@@ -139,4 +174,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, RuntimeError) as err:  # judges that differ; a damaged summary (slim.io.DamagedArtefact)
+        raise SystemExit(f"error: {' '.join(str(err).split())}") from None

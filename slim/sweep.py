@@ -4,7 +4,8 @@
         --out_dir validation validation/summary/smollm2_135M_slim_*_val.json
 
 Each summary JSON holds per-fold rows and a fold-mean row; the mean rows are
-compared. The default criterion is True*Info from the judges, ties broken by
+compared; summaries scored by different judges are refused (one line naming
+both). The default criterion is True*Info from the judges, ties broken by
 SEM. A setting whose degeneracy rate (answers that are empty or mostly one
 repeated token or phrase) exceeds --max_degeneracy is never chosen: a broken
 model can score well on SEM.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .metrics import read_summary
+from .metrics import check_same_judges, read_summary
 
 CRITERIA = ("true_info", "true", "info", "sem")
 
@@ -43,6 +44,7 @@ def main(argv=None):
     parser.add_argument("--out_dir", default=None, help="write the choice under this folder as JSON")
     args = parser.parse_args(argv)
     rows = [dict(read_summary(s)[1], summary=str(s)) for s in args.summaries]
+    unrecorded = check_same_judges(rows, args.summaries)  # a knob is chosen by one judge's verdicts only
     for r in rows:
         if args.param not in r:
             # ITI's alpha = 0 runs as the unintervened model, whose summary names no knob
@@ -54,6 +56,11 @@ def main(argv=None):
         print(
             f"{r[args.param]:>10g} {r['true_info']:10.2f} {r['true']:7.2f} {r['info']:7.2f} "
             f"{r['sem']:6.3f} {r['degeneracy']:6.3f}"
+        )
+    if unrecorded:
+        print(
+            f"note: judge identity not recorded in {len(unrecorded)} of {len(rows)} summaries (written before "
+            "judges were identified): their judges are compared by name only."
         )
     best = select_best(rows, args.criterion, args.max_degeneracy)
     print(

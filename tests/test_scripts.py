@@ -100,6 +100,9 @@ def test_three_commands_and_sweep(work):
     rows = json.loads(next((out / "summary").glob("tiny_llama_slim_*_test_max3.json")).read_text())
     assert [r["fold"] for r in rows] == [0, 1, "mean"]
     assert rows[-1]["method"] == "slim" and rows[-1]["kappa"] == 40.0
+    assert (
+        rows[0]["judge_id"].startswith("local:tiny_llama@sha256:") and rows[-1]["info_judge_id"] == rows[0]["judge_id"]
+    )
     assert rows[0]["ce"] > 0 and rows[0]["kl"] >= 0 and rows[0]["ce_kl_corpus"] == "tqa-best-answers"
     assert list((out / "summary").glob("tiny_llama_mimic_*_test_max3.json"))
     config = json.loads(next((out / "summary").glob("tiny_llama_slim_*_test_max3.config.json")).read_text())

@@ -1,0 +1,90 @@
+"""evaluate_method: what is answered, what is reused, what is written."""
+
+import functools
+
+import numpy as np
+import pandas as pd
+import torch
+
+from conftest import make_tokenizer, tiny_model
+from slim.config import EvalConfig
+from slim.evaluation import Scorers, evaluate_method
+from slim.heads import model_shape
+from slim.interventions import ITIPolicy, MimicPolicy, SlimPolicy, model_fingerprint
+from slim.layout import RunLayout, method_name
+from slim.models import LoadedModel
+
+
+class LengthJudge:
+    """A stand-in judge: 'yes' for answers with more than two words."""
+
+    name = "stub"
+
+    def score(self, questions, answers):
+        return np.array([float(len(str(a).split()) > 2) for a in answers])
+
+
+class HashEmbedder:
+    def encode(self, texts):
+        return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts])
+
+
+def slim_policy(model, kappa, psi="identity"):
+    L, H, d = model_shape(model)
+    g = torch.Generator().manual_seed(0)
+    return SlimPolicy(
+        torch.randn(H, d, generator=g), torch.zeros(H), torch.eye(d) + torch.randn(H, d, d, generator=g),
+        torch.randn(H, d, generator=g), layer=1, tau=0, kappa=kappa, psi=psi, fingerprint=model_fingerprint(model),
+    )  # fmt: skip
+
+
+def test_which_policies_move_nothing():
+    model = tiny_model("llama")
+    fp, d = model_fingerprint(model), model_shape(model)[2]
+    assert slim_policy(model, 0.0).moves_nothing and not slim_policy(model, 1.0).moves_nothing
+    assert not slim_policy(model, 0.0, psi="softmax").moves_nothing  # softmax of zeros still moves: 1 / votes
+    assert ITIPolicy([[0, 1]], torch.ones(1, d), torch.ones(1), alpha=0.0, fingerprint=fp).moves_nothing
+    assert not ITIPolicy([[0, 1]], torch.ones(1, d), torch.ones(1), alpha=1.0, fingerprint=fp).moves_nothing
+    A, b = torch.eye(d).repeat(4, 1, 1), torch.zeros(4, d)
+    assert MimicPolicy(A, b, layer=0, strength=0.0).moves_nothing and not MimicPolicy(A, b, layer=0).moves_nothing
+
+
+def test_a_policy_that_moves_nothing_reuses_the_unintervened_answers(tmp_path):
+    tokenizer = make_tokenizer()
+    model = tiny_model("llama", max_positions=512)
+    lm = LoadedModel(model=model, tokenizer=tokenizer, name="tiny", device=torch.device("cpu"))
+    questions = pd.DataFrame(
+        {
+            "Question": ["What is the capital of France ?", "who was it ?", "where is London ?", "It was yes ?"],
+            "Correct Answers": ["Paris; It is Paris"] * 4,
+            "Incorrect Answers": ["London; It is London"] * 4,
+        }
+    )
+    folds = [{"test": np.array([0, 1, 2, 3]), "val": np.array([], int)}]
+    scorers = Scorers(LengthJudge(), LengthJudge(), HashEmbedder(), ("stub", "stub"), "hash")
+    layout = RunLayout(tmp_path, "tiny")
+    cfg = EvalConfig(max_new_tokens=6, batch_size=2)
+    run = functools.partial(evaluate_method, lm, questions, folds, scorers=scorers, cfg=cfg, layout=layout)
+
+    baseline = run("baseline", {}, lambda fold: None)
+    calls = []
+    real = model.forward
+
+    @functools.wraps(real)
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    model.forward = counting
+    noop = run("slim", {"kappa": 0.0}, lambda fold: slim_policy(model, 0.0))
+    assert not calls  # nothing answered: the unintervened answers were read back
+    assert noop.rows[0]["answers_of"] == "baseline" and baseline.rows[0]["answers_of"] == "baseline"
+    for key in ("true", "info", "sem", "degeneracy", "n_questions"):
+        assert noop.mean[key] == baseline.mean[key]
+    name = method_name("slim", {"kappa": 0.0})
+    assert layout.answers(name, 0, "test").with_name(f"{name}_fold0_test_scored.csv").exists()
+    assert not layout.answers(name, 0, "test").exists()
+
+    moved = run("slim", {"kappa": 5.0}, lambda fold: slim_policy(model, 5.0))
+    name = method_name("slim", {"kappa": 5.0})
+    assert calls and moved.rows[0]["answers_of"] == name and layout.answers(name, 0, "test").exists()
