@@ -10,7 +10,8 @@ layer 19 with tau and kappa set so it edits often). Prints questions per
 second of each path, their ratio, and how many extracted answers are
 identical. The new path's time includes building the prefix cache once per
 pass, as `answer_questions` does once per answer file. --ablate also times
-each speed-up alone.
+each speed-up alone; --new-batch-size gives the new path its own batch (the
+pipeline answers 64 at a time).
 """
 
 import argparse
@@ -57,12 +58,20 @@ def build_prefix(lm, path, example):
     return time.perf_counter() - t0, prefix
 
 
-def answer_batch(lm, batch, path, prefix, edit, max_new_tokens):
-    """(seconds, extracted answers) of one batch."""
+def answer_batch(lm, chunk, path, prefix, edit, max_new_tokens, batch_size):
+    """(seconds, extracted answers) of a chunk of prompts, answered `batch_size` at a time."""
     t0 = time.perf_counter()
-    texts = generate_greedy(
-        lm.model, lm.tokenizer, batch, max_new_tokens, edit, prefix=prefix, stop_at_answer=PATHS[path][1]
-    )
+    texts = []
+    for lo in range(0, len(chunk), batch_size):
+        texts += generate_greedy(
+            lm.model,
+            lm.tokenizer,
+            chunk[lo : lo + batch_size],
+            max_new_tokens,
+            edit,
+            prefix=prefix,
+            stop_at_answer=PATHS[path][1],
+        )
     return time.perf_counter() - t0, [extract_answer(t) for t in texts]
 
 
@@ -72,6 +81,9 @@ def main():
     parser.add_argument("--policy", default=None, help="a saved SLIM (or ITI) policy folder")
     parser.add_argument("--n-questions", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--new-batch-size", type=int, default=None, help="batch of the new path (default: --batch-size)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ablate", action="store_true", help="also time each speed-up alone")
@@ -83,11 +95,14 @@ def main():
     questions = load_truthfulqa(args.tqa_dir)["Question"].tolist()[: args.n_questions]
     # Longest first, as answer_questions batches them.
     prompts = sorted((qa_prompt(q) for q in questions), key=len, reverse=True)
-    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
+    # Timed in chunks that hold whole batches of either path, each chunk by each path back to back.
+    sizes = {p: args.batch_size for p in PATHS} | {"new": args.new_batch_size or args.batch_size}
+    chunk = max(sizes.values())
+    batches = [prompts[i : i + chunk] for i in range(0, len(prompts), chunk)]
     paths = list(PATHS) if args.ablate else ["old", "new"]
     described = args.policy or f"random SLIM at layer {policy.layer} (tau {policy.tau}, kappa {policy.kappa:g})"
     print(
-        f"model {args.model}, {len(prompts)} TruthfulQA questions, batch {args.batch_size}, "
+        f"model {args.model}, {len(prompts)} TruthfulQA questions, batch {args.batch_size} (new path: {sizes['new']}), "
         f"up to {args.max_new_tokens} new tokens, {torch.get_num_threads()} torch threads, {args.repeats} repeats; "
         f"policy: {described}"
     )
@@ -95,7 +110,7 @@ def main():
         prefixes = {p: build_prefix(lm, p, prompts[0])[1] for p in paths}
         # Warm-up pass of each path (greedy: every later pass gives the same answers).
         answers = {
-            p: [a for b in batches for a in answer_batch(lm, b, p, prefixes[p], edit, args.max_new_tokens)[1]]
+            p: [a for b in batches for a in answer_batch(lm, b, p, prefixes[p], edit, args.max_new_tokens, sizes[p])[1]]
             for p in paths
         }
         seconds = {p: 0.0 for p in paths}  # summed over repeats: batches plus one prefix build a pass
@@ -107,7 +122,9 @@ def main():
             for j, batch in enumerate(batches):
                 # The paths back to back on the same batch, the order swapping from pair to pair.
                 order = paths if (r + j) % 2 == 0 else paths[::-1]
-                took = {p: answer_batch(lm, batch, p, prefixes[p], edit, args.max_new_tokens)[0] for p in order}
+                took = {
+                    p: answer_batch(lm, batch, p, prefixes[p], edit, args.max_new_tokens, sizes[p])[0] for p in order
+                }
                 for p in paths:
                     seconds[p] += took[p]
                 ratios.append(took["old"] / took["new"])
@@ -122,7 +139,7 @@ def main():
             )
         q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         print(
-            f"  new vs old, batch by batch: median {med:.2f}x (quartiles {q1:.2f}x to {q3:.2f}x, {len(ratios)} pairs)"
+            f"  new vs old, chunk by chunk: median {med:.2f}x (quartiles {q1:.2f}x to {q3:.2f}x, {len(ratios)} pairs)"
         )
         for p in paths:
             for i, (a, b) in enumerate(zip(answers[p], answers["old"])):
