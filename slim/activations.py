@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .data import PROBE_TEXT_FORMAT, probe_texts
 from .heads import HeadTrace, left_padded_positions, model_shape
-from .io import file_record, sha256_file, write_json
+from .io import file_record, kill_point, sha256_file, write_json
 from .layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,7 @@ def _fill_cache(
             array.flush()  # the rows are on disk before the manifest says so
             seconds += time.perf_counter() - t0
             write_json(manifest_path, {**manifest, "rows_done": start + len(rows), "seconds": seconds})
+            kill_point("activations")
             bar.update(len(rows))
     del array
     # finished: its sha256 goes into the manifest, checked whenever the cache is read back

@@ -16,7 +16,7 @@ from .activations import ProbeData
 from .config import ITIConfig, SlimConfig, check_int
 from .gaussian_ot import fit_layer_maps, load_layer_maps, ot_map, regularize_covariance, save_layer_maps, sqrtm_psd
 from .interventions import ITIPolicy, MimicPolicy, Policy, SlimPolicy
-from .io import DamagedArtefact, warn_rebuild
+from .io import DamagedArtefact, kill_point, warn_rebuild
 from .stage1 import FoldProbes
 
 __all__ = ["fit_slim", "fit_iti", "fit_mimic", "fold_layer_activations", "slim_for_fold", "iti_for_fold"]
@@ -55,6 +55,7 @@ def fit_slim(
         A, b, infos = fit_layer_maps(acts_layer, weight, bias, cfg.gamma, cov=cfg.cov, min_samples=cfg.min_samples)
         if maps_path is not None:
             save_layer_maps(maps_path, A, b, infos, maps_key or {})
+            kill_point("maps")
     meta = {"gamma": cfg.gamma, "maps": infos}
     if maps_path is not None:
         meta["maps_file"] = str(maps_path)

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .heads import EditFactory
-from .io import DamagedArtefact, reading, warn_rebuild, write_checked
+from .io import DamagedArtefact, kill_point, reading, warn_rebuild, write_checked
 from .prefix import PrefixCache, cache_argument, left_pad, returned_cache, tokenizer_pad_id
 
 log = logging.getLogger(__name__)
@@ -341,6 +341,7 @@ def answer_questions(
             for idx, q, g in zip(batch["question_idx"], batch["Question"], generations):
                 rows.append({"question_idx": int(idx), "question": q, "generation": g, "answer": extract_answer(g)})
             write_checked(out_csv, lambda tmp: pd.DataFrame(rows, columns=ANSWER_COLUMNS).to_csv(tmp, index=False))
+            kill_point("answers")
             bar.update(len(batch))
     result = pd.DataFrame(rows).sort_values("question_idx").reset_index(drop=True)
     return result

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -196,6 +197,25 @@ def reading(path: str | os.PathLike, todo: str = "delete it and rerun the step t
 def warn_rebuild(err: DamagedArtefact, action: str) -> None:
     """The one-line warning of a damaged cache that is recomputed: the file, what is wrong, what happens now."""
     logging.getLogger("slim").warning("%s is damaged (%s): %s", err.path, err.problem, action)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests only: a deterministic kill -9 point
+
+_KILL_COUNTS: dict[str, int] = {}
+
+
+def kill_point(stage: str) -> None:
+    """Called right after each durable write of a long stage; with `SLIM_TEST_KILL_AFTER="<stage>:<n>"` (tests only)
+    the process SIGKILLs itself at that stage's n-th call, else this costs one dict lookup."""
+    target = os.environ.get("SLIM_TEST_KILL_AFTER")
+    if target is None:
+        return
+    name, _, n = target.partition(":")
+    if name == stage:
+        _KILL_COUNTS[stage] = _KILL_COUNTS.get(stage, 0) + 1
+        if _KILL_COUNTS[stage] == int(n or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pandas as pd
 from .activations import ProbeData, texts_digest
 from .config import ProbeConfig
 from .detector import choose_layer, evaluate_layers
-from .io import DamagedArtefact, warn_rebuild
+from .io import DamagedArtefact, kill_point, warn_rebuild
 from .layout import RunLayout
 from .probes import RiskAwareProbes, load_probes, save_probes
 
@@ -74,6 +74,7 @@ def train_fold_probes(
         tau,
         meta={**meta_expected, "layer_rows": rows, "best_epoch": np.asarray(probes.best_epoch_).tolist()},
     )
+    kill_point("probes")
     return FoldProbes(weight, bias, tau, rows, path)
 
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..io import write_text
+from ..io import kill_point, write_text
 from .base import Judge, JudgeUnavailableError, _check_kind, _one_line, default_cache_dir, judge_prompt
 
 log = logging.getLogger(__package__)  # "slim.judges", as before the package split
@@ -40,10 +40,11 @@ class OpenAIJudge(Judge):
     or OPENAI_BASE_URL. Every verdict is cached in a JSON file keyed by a hash
     of (model, prompt), written atomically after each batch, so a rerun never
     asks twice and works without a key when all verdicts are cached. Rate
-    limits (429), server errors (5xx), timeouts and connection errors are
-    retried with exponential backoff; afterwards, or on a rejected key (401),
-    a one-line JudgeUnavailableError is raised with the verdicts obtained so
-    far already saved.
+    limits (429), server errors (5xx), timeouts, connection errors and
+    replies that are not JSON are retried with exponential backoff (or after
+    the server's Retry-After, at most `backoff_max`); afterwards, or on a
+    rejected key (401), a one-line JudgeUnavailableError is raised with the
+    verdicts obtained so far already saved.
     """
 
     RETRY_STATUS = (408, 409, 429)
@@ -155,7 +156,10 @@ class OpenAIJudge(Judge):
                         f"{_describe(err)} after {self.max_retries + 1} attempts",
                         "check the network / OPENAI_BASE_URL and rerun (cached verdicts are reused).",
                     ) from None
-                delay = min(self.backoff_max, self.backoff_base * 2**attempt) * (0.5 + random.random() / 2)
+                delay = _retry_after(err)  # the server's Retry-After, when it says one
+                if delay is None:
+                    delay = min(self.backoff_max, self.backoff_base * 2**attempt) * (0.5 + random.random() / 2)
+                delay = min(self.backoff_max, delay)
                 log.warning(
                     "OpenAI judge %s: %s; retry %d of %d in %.2fs",
                     self.model_name,
@@ -178,7 +182,7 @@ class OpenAIJudge(Judge):
                 f"the API key was rejected ({_describe(err)})",
                 "set a valid OPENAI_API_KEY for this server (OPENAI_BASE_URL).",
             )
-        if isinstance(err, openai.APIConnectionError):  # timeouts included
+        if isinstance(err, (openai.APIConnectionError, json.JSONDecodeError)):  # timeouts, garbled replies included
             return None
         if isinstance(err, openai.APIStatusError):
             if err.status_code >= 500 or err.status_code in self.RETRY_STATUS:
@@ -208,10 +212,24 @@ class OpenAIJudge(Judge):
             for prompt, p_yes in zip(batch, self._request(batch)):
                 self._verdicts[self.cache_key(prompt)] = p_yes
             self._save_cache()
+            kill_point("judge")
         return np.array([self._verdicts[k] for k in keys], dtype=float)
 
 
+def _retry_after(err: Exception) -> float | None:
+    """The seconds a 429 / 503 reply's `retry-after-ms` or `Retry-After` header asks to wait, if any."""
+    headers = getattr(getattr(err, "response", None), "headers", None) or {}
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            return max(0.0, float(headers[name]) * scale)
+        except (KeyError, TypeError, ValueError):  # absent, or an HTTP date: the backoff decides
+            continue
+    return None
+
+
 def _describe(err: Exception) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"the reply is not valid JSON (JSONDecodeError: {err})"
     status = getattr(err, "status_code", None)
     label = type(err).__name__ + (f" {status}" if status else "")
     message = getattr(err, "message", "") or str(err)
