@@ -56,6 +56,11 @@ def load_scorers(judge_name: str, info_name: str, embedder_name: str, tqa_dir=No
     return Scorers(truth, info, load_embedder(embedder_name), (judge_name, info_name), embedder_name)
 
 
+def scored_path(answers_csv: Path) -> Path:
+    """Where the scored copy of an answer file goes: `<answers>_scored.csv` beside it."""
+    return answers_csv.with_name(answers_csv.stem + "_scored.csv")
+
+
 def evaluate(
     lm,
     questions: pd.DataFrame,
@@ -103,7 +108,7 @@ def evaluate(
     refs = by_idx.loc[answers["question_idx"]]
     _, sem = sem_scores(scorers.embedder, ans, refs["Correct Answers"].tolist(), refs["Incorrect Answers"].tolist())
     answers = answers.assign(truth_score=truth, info_score=info)
-    write_csv(answers, scored_csv or answers_csv.with_name(answers_csv.stem + "_scored.csv"))
+    write_csv(answers, scored_csv or scored_path(answers_csv))
     metrics = {
         **true_info(truth > 0.5, info > 0.5),
         "sem": sem,
@@ -202,8 +207,7 @@ def evaluate_method(
             # the unintervened answers are read or written instead of answering the same questions again.
             edit, answered_by = None, "baseline"
         answers_csv = layout.answers(answered_by, fold, cfg.use_mode, cfg.max_questions)
-        own = layout.answers(name, fold, cfg.use_mode, cfg.max_questions)
-        scored_csv = own.with_name(own.stem + "_scored.csv")
+        scored_csv = scored_path(layout.answers(name, fold, cfg.use_mode, cfg.max_questions))
         row = evaluate(
             lm,
             qs,

@@ -314,11 +314,12 @@ def answer_questions(
     # Longest prompts first: batches of similar length pad less.
     todo = todo.assign(_len=todo["Question"].str.len()).sort_values("_len", ascending=False, kind="stable")
     rows = done.to_dict("records")
-    if (prefix_cache or stop_at_answer) and _logit_settings(model):
+    only_generate = _logit_settings(model)
+    if (prefix_cache or stop_at_answer) and only_generate:
         log.warning(
             "the generation config sets %s, which only model.generate applies: prompts run in full, "
             "without stopping at the answer.",
-            ", ".join(_logit_settings(model)),
+            ", ".join(only_generate),
         )
         prefix_cache = stop_at_answer = False
     prefix = None

@@ -63,7 +63,7 @@ def tokenizer():
     return make_tokenizer()
 
 
-def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0, max_positions: int = 128):
+def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0, max_positions: int = 128, num_layers: int = 3):
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -79,7 +79,7 @@ def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0, max_positions: in
             vocab_size=vocab_size,
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=3,
+            num_hidden_layers=num_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=max_positions,
@@ -92,7 +92,7 @@ def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0, max_positions: in
         cfg = GPT2Config(
             vocab_size=vocab_size,
             n_embd=32,
-            n_layer=3,
+            n_layer=num_layers,
             n_head=4,
             n_positions=max_positions,
             pad_token_id=0,
@@ -105,7 +105,7 @@ def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0, max_positions: in
             vocab_size=vocab_size,
             hidden_size=32,
             intermediate_size=64,
-            num_hidden_layers=3,
+            num_hidden_layers=num_layers,
             num_attention_heads=4,
             max_position_embeddings=max_positions,
             rotary_pct=0.5,
@@ -123,3 +123,19 @@ def tiny_model(arch: str, vocab_size: int = 64, seed: int = 0, max_positions: in
 @pytest.fixture(params=["llama", "gpt2", "gpt_neox"])
 def arch_model(request):
     return request.param, tiny_model(request.param)
+
+
+def random_policy(kind: str, model, kappa: float = 1.0, psi: str = "identity"):
+    """A random SLIM policy at layer 1 (tau 0: the detector fires on every token) or ITI policy, both of which
+    change what a tiny model says."""
+    from slim.heads import model_shape
+    from slim.interventions import ITIPolicy, SlimPolicy, model_fingerprint
+
+    g = torch.Generator().manual_seed(1)
+    L, H, d = model_shape(model)
+    fp = model_fingerprint(model)
+    if kind == "slim":
+        A, b = torch.eye(d) + 0.5 * torch.randn(H, d, d, generator=g), 0.5 * torch.randn(H, d, generator=g)
+        weight = torch.randn(H, d, generator=g)
+        return SlimPolicy(weight, torch.zeros(H), A, b, layer=1, tau=0, kappa=kappa, psi=psi, fingerprint=fp)
+    return ITIPolicy([[0, 1], [1, 2]], torch.randn(2, d, generator=g), torch.full((2,), 0.1), alpha=2.0, fingerprint=fp)

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer, random_policy, tiny_model
 from slim.config import EvalConfig
 from slim.evaluation import Scorers, evaluate_method
 from slim.heads import model_shape
-from slim.interventions import ITIPolicy, MimicPolicy, SlimPolicy, model_fingerprint
+from slim.interventions import ITIPolicy, MimicPolicy, model_fingerprint
 from slim.layout import RunLayout, method_name
 from slim.models import LoadedModel
 
@@ -29,20 +29,13 @@ class HashEmbedder:
         return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts])
 
 
-def slim_policy(model, kappa, psi="identity"):
-    L, H, d = model_shape(model)
-    g = torch.Generator().manual_seed(0)
-    return SlimPolicy(
-        torch.randn(H, d, generator=g), torch.zeros(H), torch.eye(d) + torch.randn(H, d, d, generator=g),
-        torch.randn(H, d, generator=g), layer=1, tau=0, kappa=kappa, psi=psi, fingerprint=model_fingerprint(model),
-    )  # fmt: skip
-
-
 def test_which_policies_move_nothing():
     model = tiny_model("llama")
     fp, d = model_fingerprint(model), model_shape(model)[2]
-    assert slim_policy(model, 0.0).moves_nothing and not slim_policy(model, 1.0).moves_nothing
-    assert not slim_policy(model, 0.0, psi="softmax").moves_nothing  # softmax of zeros still moves: 1 / votes
+    assert random_policy("slim", model, kappa=0.0).moves_nothing
+    assert not random_policy("slim", model, kappa=1.0).moves_nothing
+    # softmax of zeros still moves: 1 / votes
+    assert not random_policy("slim", model, kappa=0.0, psi="softmax").moves_nothing
     assert ITIPolicy([[0, 1]], torch.ones(1, d), torch.ones(1), alpha=0.0, fingerprint=fp).moves_nothing
     assert not ITIPolicy([[0, 1]], torch.ones(1, d), torch.ones(1), alpha=1.0, fingerprint=fp).moves_nothing
     A, b = torch.eye(d).repeat(4, 1, 1), torch.zeros(4, d)
@@ -76,7 +69,7 @@ def test_a_policy_that_moves_nothing_reuses_the_unintervened_answers(tmp_path):
         return real(*args, **kwargs)
 
     model.forward = counting
-    noop = run("slim", {"kappa": 0.0}, lambda fold: slim_policy(model, 0.0))
+    noop = run("slim", {"kappa": 0.0}, lambda fold: random_policy("slim", model, kappa=0.0))
     assert not calls  # nothing answered: the unintervened answers were read back
     assert noop.rows[0]["answers_of"] == "baseline" and baseline.rows[0]["answers_of"] == "baseline"
     for key in ("true", "info", "sem", "degeneracy", "n_questions"):
@@ -85,6 +78,6 @@ def test_a_policy_that_moves_nothing_reuses_the_unintervened_answers(tmp_path):
     assert layout.answers(name, 0, "test").with_name(f"{name}_fold0_test_scored.csv").exists()
     assert not layout.answers(name, 0, "test").exists()
 
-    moved = run("slim", {"kappa": 5.0}, lambda fold: slim_policy(model, 5.0))
+    moved = run("slim", {"kappa": 5.0}, lambda fold: random_policy("slim", model, kappa=5.0))
     name = method_name("slim", {"kappa": 5.0})
     assert calls and moved.rows[0]["answers_of"] == name and layout.answers(name, 0, "test").exists()

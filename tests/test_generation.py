@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tokenizer, tiny_model
+from conftest import make_tokenizer, random_policy, tiny_model
 from slim.generation import (
     QA_PRIMER,
     answer_closed,
@@ -19,8 +19,6 @@ from slim.generation import (
     qa_prompt,
     shared_prefix,
 )
-from slim.heads import model_shape
-from slim.interventions import ITIPolicy, SlimPolicy, model_fingerprint
 from slim.prefix import PrefixCache
 
 
@@ -119,19 +117,6 @@ def chatty_llama(seed=0, tokenizer=None):
         out[ids("Q:")] += 3 * emb[ids("A:")] / emb[ids("A:")].norm()
         out[ids("A:")] += 3 * emb[ids("is")] / emb[ids("is")].norm()
     return model
-
-
-def random_policy(kind: str, model):
-    """A SLIM policy (tau 0: the detector fires on every token) or an ITI policy that changes what it says."""
-    g = torch.Generator().manual_seed(1)
-    L, H, d = model_shape(model)
-    fp = model_fingerprint(model)
-    if kind == "slim":
-        A, b = torch.eye(d) + 0.5 * torch.randn(H, d, d, generator=g), 0.5 * torch.randn(H, d, generator=g)
-        return SlimPolicy(
-            torch.randn(H, d, generator=g), torch.zeros(H), A, b, layer=1, tau=0, kappa=1.0, fingerprint=fp
-        )
-    return ITIPolicy([[0, 1], [1, 2]], torch.randn(2, d, generator=g), torch.full((2,), 0.1), alpha=2.0, fingerprint=fp)
 
 
 def recording(policy):

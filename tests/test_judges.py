@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_bpe_tokenizer
+from conftest import make_bpe_tokenizer, tiny_model
 from slim.judges import (
     FEATURE_NAMES,
     JudgeUnavailableError,
@@ -283,28 +283,9 @@ def tiny_tokenizer():
     return make_bpe_tokenizer(CORPUS)
 
 
-def tiny_llama(vocab_size: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 def test_local_lm_judge_matches_single_prompt_computation(tmp_path):
     tokenizer = tiny_tokenizer()
-    model = tiny_llama(len(tokenizer))
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_positions=256, num_layers=2)
     model.save_pretrained(tmp_path / "judge")
     tokenizer.save_pretrained(tmp_path / "judge")
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import TQA_DIR, make_bpe_tokenizer
+from conftest import TQA_DIR, make_bpe_tokenizer, tiny_model
 from slim.likelihood import CEKL, answer_logprobs, ce_and_kl, load_text_corpus, mc1, mc2, mc_scores
 
 CORPUS = [
@@ -44,23 +44,8 @@ def test_mc2():
 @pytest.fixture(scope="module")
 def lm():
     """(model, tokenizer): a byte-level BPE trained in memory with a BOS token, and a random tiny Llama."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = make_bpe_tokenizer(CORPUS)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(cfg).eval(), tokenizer
+    return tiny_model("llama", vocab_size=len(tokenizer), max_positions=256, num_layers=2), tokenizer
 
 
 def manual_logprob(model, tokenizer, prompt, answer):
