@@ -1,17 +1,23 @@
-"""How well do the offline judges agree with TruthfulQA's human labels on unseen questions?
+"""The judge card: how well do the judges agree with labels on questions they were not trained on?
 
-For each kind (truth, info): GroupKFold by question over finetune_{kind}.jsonl;
-the judge's MLP is trained on the other folds' questions and scores the
-held-out ones (features use only the held-out question's reference answers
-from TruthfulQA.csv, which every evaluated question has). Beside it, a
-simple rule as baseline:
-    truth: the SEM rule, true when Q(q, a) >= 0 (paper section 5.1, MiniLM);
-           an answer to a question without references counts as true;
-    info:  informative unless the answer is empty or a refusal
-           ("no comment", "I don't know", ...: the judge's refusal pattern).
-First the full judges are trained (or loaded) and timed, as a run would.
+Two sources of labels, for each kind (truth, info):
+    human   TruthfulQA's human labels of GPT-3-era answers (finetune_{kind}.jsonl, 22k rows);
+    model   the project's labelled answers of SmolLM2-135M, unintervened and under ITI, SLIM and
+            MiMiC (data/judge-labels/, 1.5k rows), overall and per method / setting.
+Per source and group: accuracy, balanced accuracy, confusion counts (yes = positive), expected
+calibration error of P(yes) (10 bins), and the judge's yes % beside the labels'. Then, per method,
+its change from the unintervened answers on the same questions, by the labels and by each judge,
+with paired 95 % bootstrap intervals: does the judge see what the intervention does?
 
-    python benchmarks/eval_judges.py --tqa_dir ../shared/data/truthfulqa
+Held out: the offline judges are cross-fitted by question (slim.judges.OfflineJudge), so each
+verdict on a labelled answer comes from an MLP that saw no label of its question, from either
+source: the card measures the judge the runs use, as they use it. A judge trained without
+cross-fitting (cross_fit 1) would be scored on its own training rows: the card refuses it.
+Beside the judges, a simple rule: truth, the SEM rule Q(q, a) >= 0 (paper section 5.1, MiniLM);
+info, informative unless the answer is empty or a refusal.
+
+    python benchmarks/eval_judges.py                                  # offline vs offline-human
+    python benchmarks/eval_judges.py --judges offline openai:<ft-model> --out paper/judge_card.md
 """
 
 from __future__ import annotations
@@ -20,42 +26,52 @@ import argparse
 import logging
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score
-from sklearn.model_selection import GroupKFold
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slim.judges import REFUSAL_RE, OfflineJudge, TinyMLP, load_judge_data, load_references  # noqa: E402
+from slim.judges import (  # noqa: E402
+    REFUSAL_RE,
+    THRESHOLD,
+    OfflineJudge,
+    card_row,
+    judge_identity,
+    load_judge_data,
+    load_judge_labels,
+    load_references,
+    make_judge,
+    paired_shifts,
+)
+from slim.judges.offline import _STORES, EmbeddingStore  # noqa: E402
 from slim.metrics import sem_scores  # noqa: E402
+
+KINDS = {"truth": ("truthful", "True"), "info": ("informative", "Info")}  # label column, percentage name
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--tqa_dir",
-        default=None,
-        help="folder with TruthfulQA.csv and finetune_*.jsonl (default: SLIM_TQA_DIR, else the cache)",
-    )
+    p.add_argument("--tqa_dir", default=None, help="TruthfulQA.csv and finetune_*.jsonl (default: SLIM_TQA_DIR)")
+    p.add_argument("--labels", default=None, help="labelled answers CSV (default: data/judge-labels/)")
     p.add_argument("--cache_dir", default=None, help="judge cache (default: $SLIM_CACHE/judges)")
-    p.add_argument("--kinds", nargs="+", default=["truth", "info"], choices=["truth", "info"])
-    p.add_argument("--n_splits", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip_full", action="store_true", help="do not train/load the full judges first")
+    p.add_argument("--judges", nargs="+", default=["offline", "offline-human"], help="judge names (make_judge)")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--no_rule", action="store_true", help="leave out the simple-rule rows")
+    p.add_argument("--out", default=None, help="also write the card (markdown) here")
     return p.parse_args(argv)
 
 
-def baseline(kind: str, judge: OfflineJudge, questions, answers) -> np.ndarray:
-    """The simple rule's verdicts (see the module docstring)."""
+def rule_verdicts(kind: str, store: EmbeddingStore, refs, questions, answers) -> np.ndarray:
+    """The simple rule's verdicts (see the module docstring); an answer without references counts as true."""
     if kind == "info":
         return np.array([bool(a) and not REFUSAL_RE.search(a) for a in answers])
-    refs = load_references(judge.tqa_dir)
     verdict = np.ones(len(answers), dtype=bool)
     known = [i for i, q in enumerate(questions) if q in refs]
     q_scores, _ = sem_scores(
-        judge.store,
+        store,
         [answers[i] for i in known],
         [refs[questions[i]].correct for i in known],
         [refs[questions[i]].incorrect for i in known],
@@ -64,53 +80,115 @@ def baseline(kind: str, judge: OfflineJudge, questions, answers) -> np.ndarray:
     return verdict
 
 
-def cross_validate(judge: OfflineJudge, questions, answers, labels, n_splits: int) -> tuple[np.ndarray, list]:
-    """Held-out P(yes) of every row, and the balanced accuracy of each fold."""
-    X = judge.features.transform(questions, answers)
-    groups = np.unique(questions, return_inverse=True)[1]
-    scores = np.zeros(len(labels))
-    per_fold = []
-    for train, test in GroupKFold(n_splits).split(X, labels, groups):
-        mlp = TinyMLP(**judge.mlp.get_params()).fit(X[train], labels[train])
-        scores[test] = mlp.predict_proba(X[test])
-        per_fold.append(balanced_accuracy_score(labels[test], scores[test] > 0.5))
-    return scores, per_fold
+def labelled_sources(kind: str, tqa_dir, labels_path) -> dict[str, pd.DataFrame]:
+    """{"human": ..., "model": ...}: question, answer, label (1 / 0), method, setting."""
+    column = KINDS[kind][0]
+    hq, ha, hy, _ = load_judge_data(kind, tqa_dir)
+    human = pd.DataFrame({"question": hq, "answer": ha, "label": hy.astype(int), "method": "-", "setting": "-"})
+    model = load_judge_labels(labels_path)
+    model = pd.DataFrame(
+        {
+            "question": model["question"],
+            "answer": model["answer"].str.strip(),
+            "label": model[column],
+            "method": model.get("method", "-"),
+            "setting": model.get("setting", "-"),
+        }
+    )
+    return {"human": human, "model": model}
+
+
+def held_out_judge(name: str, kind: str, args):
+    judge = make_judge(name, kind, tqa_dir=args.tqa_dir, cache_dir=args.cache_dir)
+    if isinstance(judge, OfflineJudge):
+        if judge.cross_fit < 2:
+            raise SystemExit(f"error: {name} is not cross-fitted: its card would score its own training rows.")
+        if args.labels and judge.answer_labels:
+            judge.answer_labels = Path(args.labels)  # trained on the labels the card measures, held out by fold
+    return judge
+
+
+def fmt_row(source: str, judge: str, r: dict) -> str:
+    ece = "-" if judge == "rule" else f"{r['ece']:.3f}"  # a rule's verdicts are not probabilities
+    return (
+        f"| {source} | {judge} | {r['n']} | {r['accuracy']:.3f} | **{r['balanced_accuracy']:.3f}** | "
+        f"{r['tp']} | {r['fp']} | {r['tn']} | {r['fn']} | {ece} | {r['judge_yes']:.1f} | "
+        f"{r['labels_yes']:.1f} |"
+    )
+
+
+def fmt_interval(m_lo_hi) -> str:
+    m, lo, hi = m_lo_hi
+    return f"{m:+.1f} ({lo:+.1f} to {hi:+.1f})"
+
+
+def card_for_kind(kind: str, args, refs) -> list[str]:
+    column, pct = KINDS[kind]
+    sources = labelled_sources(kind, args.tqa_dir, args.labels)
+    judges, lines = {}, []
+    for name in args.judges:
+        judge = held_out_judge(name, kind, args)
+        t0 = time.time()
+        identity = judge_identity(judge)  # trains or loads an offline judge
+        judges[name] = judge
+        lines.append(f"- `{name}` = `{identity}` (ready in {time.time() - t0:.0f}s)")
+    header = [
+        "",
+        f"| source | judge | n | accuracy | balanced acc. | TP | FP | TN | FN | ECE | judge {pct} % | labels {pct} % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += header
+    verdict_columns = {}
+    for source, df in sources.items():
+        questions, answers, y = df["question"].tolist(), df["answer"].tolist(), df["label"].to_numpy() == 1
+        scored = {}
+        for name, judge in judges.items():
+            t0 = time.time()
+            scored[name] = np.asarray(judge.score(questions, answers), dtype=float)
+            logging.info("%s %s judge scored %d %s rows in %.0fs", name, kind, len(y), source, time.time() - t0)
+        if not args.no_rule:
+            store = next(iter(_STORES.values()), None) or EmbeddingStore("all-MiniLM-L6-v2", None)
+            scored["rule"] = rule_verdicts(kind, store, refs, questions, answers).astype(float)
+        title = "TruthfulQA human labels" if source == "human" else "SmolLM2 labels, all"
+        for name, scores in scored.items():
+            lines.append(fmt_row(title, name, card_row(y, scores)))
+        if source == "model":
+            for name, scores in scored.items():
+                df[f"p_{name}"], df[f"yes_{name}"] = scores, scores > THRESHOLD
+                verdict_columns[name] = f"yes_{name}"
+            for (method, setting), group in df.groupby(["method", "setting"], sort=True):
+                for name in scored:
+                    row = card_row(group["label"] == 1, group[f"p_{name}"].to_numpy())
+                    lines.append(fmt_row(f"SmolLM2: {method} {setting}", name, row))
+            shifts = paired_shifts(df.rename(columns={"label": column}), column, verdict_columns)
+    names = list(verdict_columns)
+    lines += [
+        "",
+        f"Change in {pct} % from the unintervened answers on the same questions (points, paired 95 % bootstrap):",
+        "",
+        "| method | setting | questions | labels | " + " | ".join(names) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for r in shifts:
+        cells = " | ".join(fmt_interval(r[name]) for name in names)
+        lines.append(f"| {r['method']} | {r['setting']} | {r['n']} | {fmt_interval(r['labels'])} | {cells} |")
+    return lines
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    lines = []
+    refs = load_references(args.tqa_dir)
+    command = "python benchmarks/eval_judges.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"Judge card ({date.today().isoformat()}; `{command.strip()}`). Held-out verdicts: see the script."]
     for kind in args.kinds:
-        judge = OfflineJudge(kind, tqa_dir=args.tqa_dir, cache_dir=args.cache_dir, seed=args.seed)
-        if not args.skip_full:
-            cached = judge.model_path().exists()
-            t0 = time.time()
-            judge.ensure_ready()
-            lines.append(
-                f"{kind}: full judge {'loaded' if cached else 'trained'} in {time.time() - t0:.0f}s "
-                f"({judge.model_path()})"
-            )
-        questions, answers, labels, _ = load_judge_data(kind, args.tqa_dir)
-        t0 = time.time()
-        scores, per_fold = cross_validate(judge, questions, answers, labels, args.n_splits)
-        cv_time = time.time() - t0
-        rule = baseline(kind, judge, questions, answers)
-        n_q = len(set(questions))
-        lines.append(
-            f"{kind}: {len(labels)} rows, {n_q} questions, {labels.mean():.1%} 'yes'; "
-            f"{args.n_splits}-fold GroupKFold by question ({cv_time:.0f}s)"
-        )
-        for name, verdict in (
-            ("offline judge", scores > 0.5),
-            ("SEM rule Q>=0" if kind == "truth" else "not empty/refusal rule", rule),
-        ):
-            lines.append(
-                f"  {name:<24} accuracy {accuracy_score(labels, verdict):.3f}  "
-                f"balanced accuracy {balanced_accuracy_score(labels, verdict):.3f}"
-            )
-        lines.append(f"  offline judge balanced accuracy per fold: {' '.join(f'{b:.3f}' for b in per_fold)}")
-    print("\n".join(lines))
+        lines += ["", f"### {kind} judges", ""] + card_for_kind(kind, args, refs)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        from slim.io import write_text
+
+        write_text(Path(args.out), text)
     return 0
 
 

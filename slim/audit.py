@@ -29,7 +29,6 @@ From Python, `run(...)` does the same and takes the judges as objects
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -38,6 +37,7 @@ import pandas as pd
 
 from .config import ParameterError
 from .io import write_csv
+from .judges.card import agreement
 
 KINDS = (("truth", "truthful"), ("info", "informative"))  # judge kind, label column
 ANSWER_COLUMNS = ("question", "answer")
@@ -201,30 +201,6 @@ def label(
 
 # ---------------------------------------------------------------------------------------------
 # measuring
-
-
-def agreement(labels, verdicts) -> dict:
-    """n, accuracy, balanced accuracy (mean recall of the classes present), TP / FP / TN / FN with yes as positive,
-    and the share of yes among the labels and the verdicts (percentages)."""
-    y = np.asarray(labels, dtype=bool)
-    v = np.asarray(verdicts, dtype=bool)
-    if y.shape != v.shape:
-        raise ValueError(f"agreement needs one verdict per label; got {y.shape} labels and {v.shape} verdicts.")
-    tp, fp = int(np.sum(y & v)), int(np.sum(~y & v))
-    tn, fn = int(np.sum(~y & ~v)), int(np.sum(y & ~v))
-    n = len(y)
-    recalls = [hits / total for hits, total in ((tp, tp + fn), (tn, tn + fp)) if total]
-    return {
-        "n": n,
-        "accuracy": (tp + tn) / n if n else math.nan,
-        "balanced_accuracy": float(np.mean(recalls)) if recalls else math.nan,
-        "tp": tp,
-        "fp": fp,
-        "tn": tn,
-        "fn": fn,
-        "labels_yes": 100.0 * y.mean() if n else math.nan,
-        "judge_yes": 100.0 * v.mean() if n else math.nan,
-    }
 
 
 def measure(judges: dict, labels: pd.DataFrame) -> dict[str, dict]:

@@ -10,8 +10,10 @@ Modules:
     base     the Judge interface, judge_prompt, THRESHOLD, JudgeUnavailableError, make_judge
     openai   OpenAIJudge: a completions-API model ("openai:<model>" or a bare fine-tuned name)
     local    LocalLMJudge: a transformers causal LM judge ("local:<hub id or folder>")
-    offline  OfflineJudge ("offline"): reference-answer features and a small MLP trained here;
-             the labelled data (load_judge_data, load_judge_labels)
+    card     the judge card's metrics: agreement, calibration_error, card_row, paired_shifts
+    offline  OfflineJudge ("offline", "offline-human"): reference-answer features and small MLPs
+             trained here, cross-fitted by question; the labelled data (load_judge_data,
+             load_judge_labels)
 
 Public API: `make_judge(name, kind)` and `.score(questions, answers)`.
 """
@@ -26,6 +28,7 @@ from .base import (
     judge_prompt,
     make_judge,
 )
+from .card import agreement, calibration_error, card_row, mean_interval, paired_shifts
 from .local import LocalLMJudge, yes_token_id
 from .offline import (
     FEATURE_NAMES,
@@ -41,6 +44,7 @@ from .offline import (
     load_judge_data,
     load_judge_labels,
     load_references,
+    question_fold,
 )
 from .openai import OpenAIJudge, p_yes_from_top_logprobs
 
@@ -53,6 +57,11 @@ __all__ = [
     "judge_identity",
     "judge_prompt",
     "make_judge",
+    "agreement",
+    "calibration_error",
+    "card_row",
+    "mean_interval",
+    "paired_shifts",
     "LocalLMJudge",
     "yes_token_id",
     "FEATURE_NAMES",
@@ -68,6 +77,7 @@ __all__ = [
     "load_judge_data",
     "load_judge_labels",
     "load_references",
+    "question_fold",
     "OpenAIJudge",
     "p_yes_from_top_logprobs",
 ]

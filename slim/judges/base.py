@@ -121,8 +121,10 @@ def make_judge(name: str, kind: str, *, tqa_dir=None, device: str = "cpu", cache
 
     Back ends:
         "offline"              OfflineJudge (slim.judges.offline): trained here on TruthfulQA's labelled
-                               judge data (finetune_truth/info.jsonl) with sentence-embedding and
-                               reference features.
+                               judge data (finetune_truth/info.jsonl) and the project's labelled answers
+                               of its own model (data/judge-labels), with sentence-embedding and
+                               reference features; cross-fitted by question.
+        "offline-human"        the same trained on TruthfulQA's human labels only.
         "local:<id-or-folder>" LocalLMJudge (slim.judges.local): a transformers causal LM judge (e.g. the
                                public Llama-2-7B truth/info judges), P(" yes") from its next-token softmax.
         "openai:<model>"       OpenAIJudge (slim.judges.openai): a completions-API model, as the paper's
@@ -139,9 +141,11 @@ def make_judge(name: str, kind: str, *, tqa_dir=None, device: str = "cpu", cache
     if not name or not name.strip():
         raise ValueError("empty judge name: use 'offline', 'local:<hub-id-or-folder>' or 'openai:<model>'.")
     name = name.strip()
-    if name == "offline":
+    if name in ("offline", "offline-human"):
         from .offline import OfflineJudge
 
+        if name == "offline-human":
+            kw["answer_labels"] = False
         return OfflineJudge(kind, tqa_dir=tqa_dir, cache_dir=cache_dir, **kw)
     if name.startswith("local:"):
         from .local import LocalLMJudge
