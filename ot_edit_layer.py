@@ -34,15 +34,17 @@ def main():
     parser.add_argument("--psi", default="identity", choices=PSI, help="aggregation function of kappa * p * v")
     parser.add_argument(
         "--cov",
-        default="ledoit_wolf",
+        default="empirical",
         choices=COVARIANCES,
-        help="how the flagged activations' covariance is made positive definite",
+        help="the flagged activations' covariance: empirical (published; the least jitter * I when not positive "
+        "definite, reported), ledoit_wolf (shrunk) or ridge",
     )
     parser.add_argument(
         "--min_samples",
         type=int,
-        default=10,
-        help="a head flagging fewer activations keeps the identity map (with a warning)",
+        default=None,
+        help="a head flagging fewer activations keeps the identity map (with a warning); default 2 with "
+        "--cov empirical (no minimum, as published, but a covariance needs 2), 10 otherwise",
     )
     parser.add_argument("--mimic", action="store_true", help="also score the MiMiC-style baseline at that layer")
     args = parser.parse_args()

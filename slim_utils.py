@@ -16,7 +16,19 @@ import sys
 import warnings
 from pathlib import Path
 
-from slim.config import LAYER_CRITERIA, LOSS_TYPES, DataConfig, EvalConfig, ParameterError, ProbeConfig
+from slim.config import (
+    ANSWER_RULES,
+    LAYER_CRITERIA,
+    LIKELIHOOD_EDITS,
+    LOSS_TYPES,
+    PROBE_CHECKPOINTS,
+    QUESTION_ORDERS,
+    DataConfig,
+    EvalConfig,
+    ParameterError,
+    ProbeConfig,
+)
+from slim.data import resolve_question_order
 from slim.evaluation import format_row
 from slim.io import DamagedArtefact, hold_folder, write_text
 from slim.layout import RunLayout, model_tag
@@ -32,10 +44,26 @@ COMMON_FLAGS = [
     ("--model_dir", dict(default=None, help="load the model from this local folder instead")),
     ("--head_layout", dict(default=None, help="BLOCKS:PROJ (e.g. model.layers:self_attn.o_proj) when not found")),
     ("--device", dict(default="auto", help="cpu, auto, cuda[:N] or a GPU index (published: 0)")),
-    ("--dataset_name", dict(default="tqa_mc2", help="probe-training texts (tqa_mc2, tqa_gen_end_q)")),
+    (
+        "--dataset_name",
+        dict(
+            default="tqa_mc2",
+            help="probe-training texts: tqa_mc2, tqa_gen_end_q, or tqa_mc2_plain (tqa_mc2 without the closing period)",
+        ),
+    ),
     ("--num_fold", dict(type=int, default=2)),
     ("--val_ratio", dict(type=float, default=0.2)),
     ("--seed", dict(type=int, default=42, help="fold split seed")),
+    (
+        "--question_order",
+        dict(
+            default="auto",
+            choices=QUESTION_ORDERS,
+            help="question order before the folds are cut: mc (TruthfulQA's data/mc_task.json, as published), "
+            "shuffle (seeded by --seed) or csv (file order); auto: mc when mc_task.json is beside TruthfulQA.csv "
+            "(--tqa_dir / SLIM_TQA_DIR) or in the cache, else shuffle",
+        ),
+    ),
     ("--batch_size", dict(type=int, default=16, help="texts a forward pass when extracting activations")),
     ("--tqa_dir", dict(default=None, help="folder of TruthfulQA.csv (else SLIM_TQA_DIR, cache, download)")),
     ("--out_dir", dict(default=str(VALIDATION_DIR), help="where outputs go")),
@@ -48,6 +76,15 @@ PROBE_FLAGS = [
     ("--epochs", dict(type=int, default=1000)),
     ("--lr", dict(type=float, default=2e-3)),
     ("--probe_seed", dict(type=int, default=0, help="seed of the probes' initial weights")),
+    (
+        "--probe_checkpoint",
+        dict(
+            default="last",
+            choices=PROBE_CHECKPOINTS,
+            help="probe parameters kept: last epoch's (as the published code ends up using) or the "
+            "best-validation epoch's (the paper's description)",
+        ),
+    ),
     ("--criterion", dict(default="val_loss", choices=LAYER_CRITERIA, help="how stage 1 chooses the edited layer")),
 ]
 EVAL_FLAGS = [
@@ -62,8 +99,37 @@ EVAL_FLAGS = [
         "--answer_batch_size",
         dict(type=int, default=64, help="questions answered at once (--batch_size is for activations)"),
     ),
-    ("--mc", dict(action="store_true", help="also compute MC1/MC2 (slow on a CPU)")),
-    ("--ce_kl", dict(action="store_true", help="also compute CE loss and KL to the unintervened model")),
+    # MC1/MC2 and CE/KL: on by default for --use_mode test, off for val (the sweeps stay fast)
+    ("--mc", dict(action="store_const", const=True, default=None, help="compute MC1/MC2 (default: test runs)")),
+    ("--no_mc", dict(dest="mc", action="store_const", const=False, default=None, help="skip MC1/MC2")),
+    (
+        "--ce_kl",
+        dict(
+            action="store_const",
+            const=True,
+            default=None,
+            help="compute CE loss and KL to the unintervened model (default: test runs)",
+        ),
+    ),
+    ("--no_ce_kl", dict(dest="ce_kl", action="store_const", const=False, default=None, help="skip CE and KL")),
+    (
+        "--likelihood_edit",
+        dict(
+            default="every",
+            choices=LIKELIHOOD_EDITS,
+            help="where MC and CE/KL are edited: every position from the answer's first token (MC) or from 0 "
+            "(CE/KL), as the published code; or the last position of each pass only (which no score reads)",
+        ),
+    ),
+    (
+        "--answer_rule",
+        dict(
+            default="published",
+            choices=ANSWER_RULES,
+            help="published: text before the first Q:, after the first A: (the published code); "
+            "paragraph: the first paragraph after the first A:",
+        ),
+    ),
     ("--summary_out", dict(default=None, help="write the summary JSON path(s) here, one per line")),
     (
         "--no_prefix_cache",
@@ -88,22 +154,29 @@ def data_config(args) -> DataConfig:
     if not args.model_dir:
         resolve_model_name(args.model_name)
     args.device = resolve_device(args.device)  # a CPU fallback warns once
-    return DataConfig(args.tqa_dir, args.n_questions, args.num_fold, args.val_ratio, args.seed, args.dataset_name)
+    order = resolve_question_order(args.question_order, args.tqa_dir)  # auto: the order used, as the config records
+    return DataConfig(
+        args.tqa_dir, args.n_questions, args.num_fold, args.val_ratio, args.seed, args.dataset_name, order
+    )
 
 
 def probe_config(args) -> ProbeConfig:
-    return ProbeConfig(args.loss_type, args.bl, args.beta, args.epochs, args.lr, args.probe_seed)
+    return ProbeConfig(args.loss_type, args.bl, args.beta, args.epochs, args.lr, args.probe_seed, args.probe_checkpoint)
 
 
 def eval_config(args) -> EvalConfig:
+    """MC1/MC2 and CE/KL: on for test runs, off for validation runs, unless --mc/--no_mc or --ce_kl/--no_ce_kl say."""
     names = ("use_mode", "judge_name", "info_name", "embedder", "max_questions", "fold", "max_new_tokens")
+    test_run = args.use_mode == "test"
     return EvalConfig(
         *(getattr(args, n) for n in names),
         args.answer_batch_size,
-        args.mc,
-        args.ce_kl,
+        test_run if args.mc is None else args.mc,
+        test_run if args.ce_kl is None else args.ce_kl,
         args.prefix_cache,
         args.stop_at_answer,
+        answer_rule=args.answer_rule,
+        likelihood_edit=args.likelihood_edit,
     )
 
 

@@ -8,8 +8,10 @@ the heads by validation accuracy; the top --num_heads get a direction (the
 normalised class-mean difference with --use_center_of_mass, a random one with
 --use_random_dir, else the probe weight) and are shifted by alpha * sigma *
 direction at the last position, sigma being the std of the tuning
-activations' projections on it. The fold's test (or validation) questions are
-answered and scored; a summary per fold and the fold average are written.
+activations' projections on it (--tuning_dataset; by default, as published,
+the tqa_gen_end_q texts of all questions). The fold's test (or validation)
+questions are answered and scored; a summary per fold and the fold average
+are written.
 """
 
 import argparse
@@ -37,10 +39,11 @@ def main():
     direction.add_argument("--use_random_dir", action="store_true", help="random directions (ablation)")
     parser.add_argument(
         "--tuning_dataset",
-        default="same",
+        default="tqa_gen_end_q_all",
         choices=TUNING_DATASETS,
-        help="activations whose projections give sigma: the probe texts' train+val rows "
-        "(same), or ITI's tqa_gen_end_q set (another extraction pass)",
+        help="activations whose projections give sigma: ITI's tqa_gen_end_q texts of all questions (published; "
+        "one more extraction pass, cached), of the fold's train+val questions only, or the probe texts' "
+        "train+val rows (same)",
     )
     args = parser.parse_args()
     data_cfg, eval_cfg = su.data_config(args), su.eval_config(args)
@@ -57,7 +60,7 @@ def main():
     else:
         data = load_probe_data(df, data_cfg.dataset_name, layout, load, args.batch_size)
         tuning = None
-        if cfg.tuning_dataset == "tqa_gen_end_q":
+        if cfg.tuning_dataset != "same":
             tuning = load_probe_data(df, "tqa_gen_end_q", layout, load, args.batch_size)
         fingerprint = model_fingerprint(lm.model)
         policies = {

@@ -180,7 +180,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     refs = load_references(args.tqa_dir)
     command = "python benchmarks/eval_judges.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"Judge card ({date.today().isoformat()}; `{command.strip()}`). Held-out verdicts: see the script."]
+    lines = [
+        f"Judge card ({date.today().isoformat()}; `{command.strip()}`). Every offline verdict on a labelled "
+        "answer comes from a cross-fitted MLP that saw no label of its question, from either source."
+    ]
     for kind in args.kinds:
         lines += ["", f"### {kind} judges", ""] + card_for_kind(kind, args, refs)
     text = "\n".join(lines) + "\n"

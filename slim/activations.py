@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .data import PROBE_TEXT_FORMAT, probe_texts
+from .data import PROBE_TEXT_FORMAT, probe_texts, text_format
 from .heads import HeadTrace, left_padded_positions, model_shape
 from .io import file_record, kill_point, sha256_file, write_json
 from .layout import RunLayout
@@ -293,7 +293,7 @@ def load_probe_data(
     texts = probe_texts(questions, dataset_name)
     text_list = texts["text"].tolist()
     path, run_tag = layout.features(dataset_name), layout.tag
-    acts = load_cached_activations(text_list, path, run_tag, dataset_name)
+    acts = load_cached_activations(text_list, path, run_tag, dataset_name, text_format(dataset_name))
     if acts is None:
         lm = load_model()
         acts = cached_head_activations(
@@ -303,6 +303,7 @@ def load_probe_data(
             path,
             model_name=run_tag,
             dataset_name=dataset_name,
+            text_format=text_format(dataset_name),
             batch_size=batch_size,
             device=lm.device,
         )

@@ -11,18 +11,30 @@ beside every summary.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 __all__ = ["ParameterError", "DataConfig", "ProbeConfig", "SlimConfig", "ITIConfig", "EvalConfig", "run_config", "fmt"]
 
-DATASETS = ("tqa_mc2", "tqa_gen_end_q")
+# probe-training texts; tqa_mc2_plain: tqa_mc2 without the closing period (this project's earlier texts, an ablation)
+DATASETS = ("tqa_mc2", "tqa_gen_end_q", "tqa_mc2_plain")
+# order of the questions before the folds are cut: auto (mc when mc_task.json is at hand, else shuffle),
+# mc (the multiple-choice release's, as the published scripts), shuffle (seeded), csv (file order)
+QUESTION_ORDERS = ("auto", "mc", "shuffle", "csv")
 LOSS_TYPES = ("risk", "cross_entropy", "l2")
 LAYER_CRITERIA = ("val_loss", "fnr", "fpr", "1-acc", "1-f1")
 PSI = ("identity", "softmax")
-COVARIANCES = ("ledoit_wolf", "ridge")
+COVARIANCES = ("empirical", "ledoit_wolf", "ridge")
+# a head flagging fewer activations than this keeps the identity map, unless min_samples says otherwise:
+# empirical follows the published code (no minimum beyond the 2 rows any covariance needs)
+MIN_SAMPLES = {"empirical": 2, "ledoit_wolf": 10, "ridge": 10}
+PROBE_CHECKPOINTS = ("last", "best")  # which epoch's probe parameters are kept (slim.probes)
 DIRECTIONS = ("com", "probe", "random")
-TUNING_DATASETS = ("same", "tqa_gen_end_q")
+# activations whose projections on ITI's directions give sigma: tqa_gen_end_q texts of all the run's
+# questions (the published default), of the fold's train+val questions only, or the probe texts' train+val rows
+TUNING_DATASETS = ("tqa_gen_end_q_all", "tqa_gen_end_q", "same")
 SPLITS = ("test", "val")
+ANSWER_RULES = ("published", "paragraph")  # how an answer is cut out of a continuation (slim.generation)
+LIKELIHOOD_EDITS = ("every", "last")  # where MC1/MC2 and CE/KL are edited (slim.likelihood)
 
 
 class ParameterError(ValueError):
@@ -96,12 +108,14 @@ class DataConfig:
     val_ratio: float = 0.2
     seed: int = 42  # fold split seed
     dataset_name: str = "tqa_mc2"  # probe-training texts
+    question_order: str = "auto"  # QUESTION_ORDERS; the scripts record the one used (slim.data.resolve_question_order)
 
     def __post_init__(self):
         check_int("num_fold", self.num_fold, 2)
         if not (_finite(self.val_ratio) and 0 < self.val_ratio < 1):
             raise ParameterError("val_ratio", f"must lie in (0, 1), got {self.val_ratio}.")
         check_choice("dataset_name", self.dataset_name, DATASETS)
+        check_choice("question_order", self.question_order, QUESTION_ORDERS)
         if self.n_questions is not None:
             check_int("n_questions", self.n_questions, 2 * self.num_fold)
 
@@ -116,9 +130,13 @@ class ProbeConfig:
     epochs: int = 1000
     lr: float = 2e-3
     seed: int = 0
+    # "last": the weights after the last epoch, what the published code keeps (its saved best state is the
+    # live state_dict, which Adam keeps updating); "best": the best-validation epoch, as the paper says
+    checkpoint: str = "last"
 
     def __post_init__(self):
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("checkpoint", self.checkpoint, PROBE_CHECKPOINTS)
         check_nonneg("bl", self.bl)
         check_nonneg("beta", self.beta)
         check_int("epochs", self.epochs, 1)
@@ -126,12 +144,14 @@ class ProbeConfig:
             raise ParameterError("lr", f"must be a finite number > 0, got {self.lr}.")
 
     def tag(self) -> str:
+        """Names the probe files, layer tables and maps: probes of another checkpoint are never reused."""
         return (
             f"{self.loss_type}_bl{fmt(self.bl)}_beta{fmt(self.beta)}_ep{self.epochs}_lr{fmt(self.lr)}_seed{self.seed}"
+            f"_ckpt{self.checkpoint}"
         )
 
     def with_bl(self, bl: float) -> "ProbeConfig":
-        return ProbeConfig(self.loss_type, bl, self.beta, self.epochs, self.lr, self.seed)
+        return replace(self, bl=bl)
 
 
 @dataclass(frozen=True)
@@ -141,8 +161,10 @@ class SlimConfig:
     gamma: float = 0.1  # chance constraint's tolerance (the published scripts' --alpha)
     kappa: float = 40.0  # aggregation strength: the one tuned knob
     psi: str = "identity"
-    cov: str = "ledoit_wolf"  # how the flagged activations' covariance is made positive definite
-    min_samples: int = 10  # a head flagging fewer activations keeps the identity map
+    # the flagged activations' covariance: empirical (published: maximum likelihood, jittered only when not
+    # positive definite), ledoit_wolf (shrunk) or ridge
+    cov: str = "empirical"
+    min_samples: int | None = None  # a head flagging fewer activations keeps the identity map; None: MIN_SAMPLES[cov]
     criterion: str = "val_loss"  # how stage 1's per-layer metrics choose the edited layer
 
     def __post_init__(self):
@@ -150,6 +172,8 @@ class SlimConfig:
         check_kappa(self.kappa)
         check_choice("psi", self.psi, PSI)
         check_choice("cov", self.cov, COVARIANCES)
+        if self.min_samples is None:
+            object.__setattr__(self, "min_samples", MIN_SAMPLES[self.cov])  # frozen: set once, here
         check_int("min_samples", self.min_samples, 0)
         check_choice("criterion", self.criterion, LAYER_CRITERIA)
 
@@ -161,7 +185,7 @@ class ITIConfig:
     num_heads: int = 48
     alpha: float = 15.0
     direction: str = "probe"  # com (class-mean difference), probe (its weight) or random
-    tuning_dataset: str = "same"  # activations whose projections give sigma
+    tuning_dataset: str = "tqa_gen_end_q_all"  # activations whose projections give sigma (TUNING_DATASETS)
 
     def __post_init__(self):
         check_int("num_heads", self.num_heads, 1)
@@ -182,13 +206,20 @@ class EvalConfig:
     fold: int | None = None  # only this fold
     max_new_tokens: int = 50
     batch_size: int = 64  # questions answered at once: each decoding step reads the weights once for all of them
-    mc: bool = False
-    ce_kl: bool = False
+    mc: bool = False  # the scripts turn it on for --use_mode test (slim_utils.eval_config)
+    ce_kl: bool = False  # likewise
     prefix_cache: bool = True  # run the shared instruction and primer once, reuse their key/value cache
     stop_at_answer: bool = True  # end each generation once its answer is closed (same answers, fewer steps)
+    # published: before the first Q:, after the first A: (the published code); paragraph: first paragraph after A:
+    answer_rule: str = "published"
+    # every: MC edited from the answer's first token, CE/KL from position 0 (the published code); last: only the
+    # last position of each forward pass, which no scored log-prob sees
+    likelihood_edit: str = "every"
 
     def __post_init__(self):
         check_choice("use_mode", self.use_mode, SPLITS)
+        check_choice("answer_rule", self.answer_rule, ANSWER_RULES)
+        check_choice("likelihood_edit", self.likelihood_edit, LIKELIHOOD_EDITS)
         if self.max_questions is not None:
             check_int("max_questions", self.max_questions, 1)
         if self.fold is not None:

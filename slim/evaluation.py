@@ -79,6 +79,8 @@ def evaluate(
     prefix_cache: bool = True,
     stop_at_answer: bool = True,
     scored_csv: Path | None = None,
+    answer_rule: str = "published",
+    likelihood_edit: str = "every",
 ) -> dict:
     """Answer `questions` with `edit` active, then score the answers: one summary row.
 
@@ -89,6 +91,9 @@ def evaluate(
     from .likelihood import ce_and_kl, load_text_corpus, mc_scores
     from .metrics import degeneracy_rate, sem_scores, summary_row, true_info
 
+    counts = getattr(edit, "reset_counts", None)
+    if callable(counts):
+        counts()  # SLIM: count the decoded positions at which its detector fires
     answers = answer_questions(
         lm.model,
         lm.tokenizer,
@@ -99,6 +104,7 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         prefix_cache=prefix_cache,
         stop_at_answer=stop_at_answer,
+        answer_rule=answer_rule,
     )
     by_idx = questions.set_index("question_idx")
     qs = answers["question"].tolist()
@@ -113,13 +119,17 @@ def evaluate(
         **true_info(truth > 0.5, info > 0.5),
         "sem": sem,
         "degeneracy": degeneracy_rate(ans),
+        # share of the positions decoded in this run (not those of answers read back) where SLIM's layer fired
+        **({"firing_rate": edit.firing_rate()} if callable(counts) else {}),
         "n_questions": len(answers),
     }
     if mc:
-        metrics.update(mc_scores(lm.model, lm.tokenizer, questions, edit=edit, prefix_cache=prefix_cache))
+        metrics.update(
+            mc_scores(lm.model, lm.tokenizer, questions, edit=edit, prefix_cache=prefix_cache, edit_at=likelihood_edit)
+        )
     if ce_kl:  # the unintervened model gets its CE and a KL of 0
         texts, corpus = load_text_corpus(tqa_dir=tqa_dir)
-        result = ce_and_kl(lm.model, lm.tokenizer, texts, edit=edit)
+        result = ce_and_kl(lm.model, lm.tokenizer, texts, edit=edit, edit_at=likelihood_edit)
         metrics.update(ce=float(result.ce), kl=float(result.kl), ce_kl_corpus=corpus)
     return summary_row(
         method,
@@ -145,6 +155,7 @@ def fold_average(rows: list[dict]) -> dict:
         if col not in ("fold",) and pd.api.types.is_numeric_dtype(df[col]):
             out[col] = float(df[col].mean())
     out["fold"] = "mean"
+    out.pop("scored_answers", None)  # one file per fold: the fold rows name theirs
     return out
 
 
@@ -157,9 +168,10 @@ def format_row(row: dict) -> str:
 
 
 def split_questions(df: pd.DataFrame, split_idx: np.ndarray, max_questions: int | None) -> pd.DataFrame:
-    """The questions of a split in question order (the first `max_questions` of them), with question_idx."""
-    idx = np.sort(split_idx)[:max_questions] if max_questions else np.sort(split_idx)
-    out = df.iloc[idx].copy()
+    """The questions of a split in CSV order, with question_idx: all, or the first `max_questions` in the split's own
+    order (the run's question order, which mixes question types; the CSV's first 409 are all Adversarial)."""
+    idx = np.sort(np.asarray(split_idx)[:max_questions] if max_questions else np.asarray(split_idx))
+    out = df.loc[idx].copy()  # df is indexed by CSV row: a question subset (n_questions) need not be 0..N-1
     out.insert(0, "question_idx", idx)
     return out
 
@@ -226,8 +238,11 @@ def evaluate_method(
             prefix_cache=cfg.prefix_cache,
             stop_at_answer=cfg.stop_at_answer,
             scored_csv=scored_csv,
+            answer_rule=cfg.answer_rule,
+            likelihood_edit=cfg.likelihood_edit,
         )
         row["answers_of"] = answered_by
+        row["scored_answers"] = str(scored_csv)  # per-question verdicts: paired intervals (slim.reports)
         row["model"] = layout.model
         row["run"] = layout.tag
         rows.append(row)

@@ -7,6 +7,7 @@ are cached on disk and reused when fitted again with the same settings.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -19,7 +20,15 @@ from .interventions import ITIPolicy, MimicPolicy, Policy, SlimPolicy
 from .io import DamagedArtefact, kill_point, warn_rebuild
 from .stage1 import FoldProbes
 
-__all__ = ["fit_slim", "fit_iti", "fit_mimic", "fold_layer_activations", "slim_for_fold", "iti_for_fold"]
+__all__ = [
+    "fit_slim",
+    "fit_iti",
+    "fit_mimic",
+    "fold_layer_activations",
+    "slim_for_fold",
+    "iti_for_fold",
+    "iti_tuning_activations",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,16 @@ def fit_slim(
     )
 
 
+def _digest(*arrays: np.ndarray) -> str:
+    """sha256 (16 hex) of arrays' shapes, dtypes and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}|{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 def fold_layer_activations(data: ProbeData, split: dict, layer: int) -> tuple[np.ndarray, np.ndarray]:
     """(activations (N, H, d) float32, labels (N,), 1 = undesirable) of a fold's train+val rows at one layer."""
     rows = np.sort(data.rows_of(np.concatenate([split["train"], split["val"]])))
@@ -87,6 +106,9 @@ def slim_for_fold(
         "cov": cfg.cov,
         "min_samples": cfg.min_samples,
         "n_rows": int(acts_layer.shape[0]),
+        # what the maps were fitted from, not only how much: another fold order or retrained probes
+        # can give the same row count and file names
+        "data_sha256": _digest(acts_layer, probes.weight[layer], probes.bias[layer]),
     }
     return fit_slim(
         acts_layer,
@@ -118,14 +140,19 @@ def fit_iti(
     A logistic-regression probe per head on the train rows ranks heads by val
     accuracy; the top `num_heads` get a direction: the normalised difference of
     class means over train+val (`com`), the probe weight (`probe`) or a random
-    one (`random`); sigma is the std of the tuning activations' projections on
-    it (the train+val rows when no tuning set is given).
+    one (`random`); sigma is the std of the projections on it of
+    `tuning_acts` (M, L, H, d), all of its rows, or of the train+val rows when
+    no tuning set is given.
     """
     from sklearn.linear_model import LogisticRegression
 
     N, L, H, d = acts.shape
     check_int("num_heads", num_heads, 1, L * H)
     ITIConfig(num_heads=num_heads, alpha=alpha, direction=direction)  # checks alpha and direction
+    if tuning_acts is not None and tuple(tuning_acts.shape[1:]) != (L, H, d):
+        raise ValueError(
+            f"tuning_acts must have shape (M, {L}, {H}, {d}) like the activations, got {tuple(tuning_acts.shape)}"
+        )
     y = np.asarray(truthful).astype(int)
     accuracy = np.zeros((L, H))
     probe_w = np.zeros((L, H, d))
@@ -163,6 +190,25 @@ def fit_iti(
     )
 
 
+def iti_tuning_activations(split: dict, cfg: ITIConfig, tuning: ProbeData | None) -> np.ndarray | None:
+    """The activations (M, L, H, d) whose projections give ITI's sigma, as cfg.tuning_dataset says.
+
+    tqa_gen_end_q_all: every row of `tuning` (the tqa_gen_end_q texts of all the run's questions, test
+    questions included, as the published scripts do); tqa_gen_end_q: its rows of the fold's train+val
+    questions; same: None, i.e. the probe texts' train+val rows (fit_iti's fallback).
+    """
+    if cfg.tuning_dataset == "same":
+        return None
+    if tuning is None:
+        raise ValueError(
+            f"ITI's tuning_dataset {cfg.tuning_dataset} needs the tqa_gen_end_q activations: pass them as `tuning` "
+            "(load_probe_data(questions, 'tqa_gen_end_q', ...)), or use tuning_dataset 'same'."
+        )
+    if cfg.tuning_dataset == "tqa_gen_end_q_all":
+        return tuning.activations
+    return tuning.activations[np.sort(tuning.rows_of(np.concatenate([split["train"], split["val"]])))]
+
+
 def iti_for_fold(
     data: ProbeData,
     split: dict,
@@ -171,10 +217,13 @@ def iti_for_fold(
     fingerprint: dict | None = None,
     tuning: ProbeData | None = None,
 ) -> ITIPolicy:
-    """A fold's ITI policy at strength cfg.alpha.
+    """A fold's ITI policy at strength cfg.alpha; `tuning`: the tqa_gen_end_q activations unless
+    cfg.tuning_dataset is "same" (see iti_tuning_activations).
 
     The heads, directions and sigmas do not depend on alpha: they are fitted
-    once (at alpha 1), saved to `folder`, and rescaled for every alpha.
+    once (at alpha 1), saved to `folder`, and rescaled for every alpha. The
+    saved meta records where sigma came from; a folder that says otherwise is
+    fitted again.
     """
     fitted = None
     if (Path(folder) / "policy.json").exists():
@@ -182,21 +231,26 @@ def iti_for_fold(
             fitted = Policy.load(folder)
         except DamagedArtefact as err:
             warn_rebuild(err, "fitting ITI's heads again.")
+        else:
+            # written before the record: the folder's name (layout.iti_policy) says the same
+            if fitted.meta.get("tuning_dataset", cfg.tuning_dataset) != cfg.tuning_dataset:
+                fitted = None
     if fitted is None:
-        tuning_acts = None
-        if tuning is not None:
-            tuning_acts = tuning.activations[np.sort(tuning.rows_of(np.concatenate([split["train"], split["val"]])))]
+        tuning_acts = iti_tuning_activations(split, cfg, tuning)
+        train_rows, val_rows = data.rows_of(split["train"]), data.rows_of(split["val"])
         fitted = fit_iti(
             data.activations,
             data.texts["truthful"].to_numpy(),
-            data.rows_of(split["train"]),
-            data.rows_of(split["val"]),
+            train_rows,
+            val_rows,
             cfg.num_heads,
             1.0,
             direction=cfg.direction,
             tuning_acts=tuning_acts,
             fingerprint=fingerprint,
         )
+        n_tuning = len(tuning_acts) if tuning_acts is not None else len(train_rows) + len(val_rows)
+        fitted.meta.update(tuning_dataset=cfg.tuning_dataset, tuning_rows=int(n_tuning))
         fitted.save(folder)
         log.info("ITI heads (layer, head) %s ... saved to %s", fitted.heads[:8].tolist(), folder)
     return ITIPolicy(

@@ -270,25 +270,47 @@ def head_map_from_moments(mu_hat, sigma_hat, theta, theta0, gamma):
 # -----------------------------------------------------------------------------
 # covariance estimation
 
+COV_METHODS = ("empirical", "ledoit_wolf", "ridge")
+# "empirical" lifts the smallest eigenvalue to lambda_max / MAX_CONDITION when it is below: R = Sigma^(1/2)
+# then has condition number <= 1e5, so R^-1 keeps about 10 significant digits in float64, and the map's own
+# positive-definiteness test (lambda_min > d * eps * lambda_max, _map_from_eig) passes for any d below ~4e5
+MAX_CONDITION = 1e10
+
+
+def pd_jitter(C):
+    """The least c >= 0 such that C + c I (C (d, d) symmetric PSD) has condition number <= MAX_CONDITION.
+
+    That is max(0, lambda_max / MAX_CONDITION - lambda_min): exactly what lifts the smallest eigenvalue to
+    the floor, 0 for a well-conditioned C. A zero C (all rows equal) is lifted to 1 / MAX_CONDITION.
+    """
+    w = np.linalg.eigvalsh(C)  # ascending
+    top = w[-1] if w[-1] > 0 else 1.0
+    return float(max(0.0, top / MAX_CONDITION - w[0]))
+
 
 def regularize_covariance(samples, method="ledoit_wolf", ridge=1e-3):
     """Mean and a positive definite covariance of samples (n, d).
 
-    Both methods start from the maximum-likelihood covariance C (1/n).
+    Every method starts from the maximum-likelihood covariance C (1/n, as
+    sklearn.covariance.empirical_covariance, which the published code uses).
+    "empirical": C itself (the published code), plus the least multiple of I
+    that makes it positive definite when it is not (pd_jitter: n <= d flagged
+    rows, or collinear ones), reported as "jitter".
     "ledoit_wolf": (1 - a) C + a (tr C / d) I with the Ledoit-Wolf (2004) optimal a
     (same value as sklearn.covariance.LedoitWolf); a ridge is added on top only
     if the result is still singular. "ridge": C + ridge * (tr C / d) I.
 
     Returns
     -------
-    mu_hat (d,), sigma_hat (d, d), info dict with "method", "shrinkage", "ridge".
+    mu_hat (d,), sigma_hat (d, d), info dict with "method", "shrinkage", "ridge",
+    "jitter" (absolute) and "trace_over_d" (the average variance, the scale of both).
     """
     X = _as_float_array(samples, "samples", ndim=2)
     n, d = X.shape
     if n < 1:
         raise ValueError("samples must have at least one row")
-    if method not in ("ledoit_wolf", "ridge"):
-        raise ValueError(f"method must be 'ledoit_wolf' or 'ridge', got {method!r}")
+    if method not in COV_METHODS:
+        raise ValueError(f"method must be one of {', '.join(COV_METHODS)}, got {method!r}")
     if not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
 
@@ -298,7 +320,12 @@ def regularize_covariance(samples, method="ledoit_wolf", ridge=1e-3):
     scale = np.trace(C) / d  # average variance: the shrinkage target is scale * I
     eye = np.eye(d)
 
-    shrinkage, ridge_used = 0.0, 0.0
+    shrinkage, ridge_used, jitter = 0.0, 0.0, 0.0
+    if method == "empirical":
+        jitter = pd_jitter(C)
+        sigma_hat = C + jitter * eye
+        info = dict(method=method, shrinkage=0.0, ridge=0.0, jitter=jitter, trace_over_d=float(scale))
+        return mu_hat, sigma_hat, info
     if method == "ledoit_wolf" and scale > 0:
         # a = min(1, b2 / d2): b2 = mean squared distance of x x^T to C (/ n), d2 = ||C - scale I||^2
         sq_norms = np.einsum("ij,ij->i", Xc, Xc)  # (n,)
@@ -320,7 +347,9 @@ def regularize_covariance(samples, method="ledoit_wolf", ridge=1e-3):
         sigma_hat = sigma_hat + ridge_used * (scale if scale > 0 else 1.0) * eye
 
     sigma_hat = 0.5 * (sigma_hat + sigma_hat.T)
-    info = dict(method=method, shrinkage=float(shrinkage), ridge=float(ridge_used), trace_over_d=float(scale))
+    info = dict(
+        method=method, shrinkage=float(shrinkage), ridge=float(ridge_used), jitter=jitter, trace_over_d=float(scale)
+    )
     return mu_hat, sigma_hat, info
 
 
@@ -350,8 +379,8 @@ def fit_head_map(acts, theta, theta0, gamma, min_samples=None, cov="ledoit_wolf"
     acts : (n, d) activations the head probe already predicts undesirable.
     theta, theta0 : (d,) weight and bias of the head probe.
     gamma : tolerance in (0, 0.5).
-    min_samples : fewer rows than this (never less than 2) -> warning + identity map.
-    cov, ridge : covariance regularization, see regularize_covariance.
+    min_samples : fewer rows than this (never less than 2: one row has no covariance) -> warning + identity map.
+    cov, ridge : covariance estimate ("empirical", "ledoit_wolf", "ridge"), see regularize_covariance.
     name : how the warning names this head.
 
     Returns
@@ -365,14 +394,19 @@ def fit_head_map(acts, theta, theta0, gamma, min_samples=None, cov="ledoit_wolf"
     theta0 = float(_as_float_array(theta0, "theta0", ndim=0))
     need = max(2, int(min_samples) if min_samples is not None else 2)  # 2 rows for any covariance
 
-    info = dict(n_samples=int(n), status=None, cov=cov, shrinkage=None, ridge=None, gamma=gamma)
+    info = dict(n_samples=int(n), status=None, cov=cov, shrinkage=None, ridge=None, jitter=None, gamma=gamma)
     if n < need:
-        log.warning("%s: %d predicted-undesirable samples < min_samples=%d; using the identity map", name, n, need)
+        why = "; a covariance needs 2" if n < 2 else ""
+        log.warning(
+            "%s: %d predicted-undesirable samples < min_samples=%d%s; using the identity map", name, n, need, why
+        )
         info["status"] = "identity_too_few"
         return _identity_head(d, info)
 
     mu_hat, sigma_hat, cov_info = regularize_covariance(acts, method=cov, ridge=ridge)
-    info.update(shrinkage=cov_info["shrinkage"], ridge=cov_info["ridge"])
+    info.update(shrinkage=cov_info["shrinkage"], ridge=cov_info["ridge"], jitter=cov_info["jitter"])
+    if cov_info["trace_over_d"] > 0:
+        info["jitter_rel"] = cov_info["jitter"] / cov_info["trace_over_d"]  # against the average variance
     A, b, sol = head_map_from_moments(mu_hat, sigma_hat, theta, theta0, gamma)
     info.update(margin_before=sol["margin_before"], s_star=sol["s_star"])
     if sol["status"] == "identity_feasible":
@@ -401,6 +435,8 @@ def fit_layer_maps(acts, weight, bias, gamma, **kw):
     Returns
     -------
     A (H, d, d) float32, b (H, d) float32, infos list of H dicts (with "head").
+    Heads whose covariance needed a jitter to be positive definite are named in
+    one warning line, with the jitter; each head's info records it.
     """
     gamma = check_gamma(gamma)
     acts = _as_float_array(acts, "acts", ndim=3)
@@ -421,7 +457,29 @@ def fit_layer_maps(acts, weight, bias, gamma, **kw):
         hm = fit_head_map(acts[undesirable[:, h], h], weight[h], bias[h], gamma, name=f"head {h}", **kw)
         A[h], b[h] = hm.A, hm.b
         infos.append({"head": h, **hm.info})
+    _report_jitter(infos, d)
     return A, b, infos
+
+
+def _report_jitter(infos, d):
+    """One warning line naming the heads whose covariance was lifted to positive definite, and by how much."""
+    jittered = [i for i in infos if i.get("jitter")]
+    if not jittered:
+        return
+
+    def one(i):
+        scale = f"{i['jitter_rel']:.1e} of the average variance" if "jitter_rel" in i else "all samples equal"
+        return f"head {i['head']} ({i['n_samples']} samples): {i['jitter']:.3g} ({scale})"
+
+    heads = ", ".join(one(i) for i in jittered)
+    log.warning(
+        "%d of %d heads' covariances were not positive definite and got jitter * I (d = %d): %s. Their maps "
+        "amplify directions the flagged samples never spanned; --cov ledoit_wolf shrinks instead.",
+        len(jittered),
+        len(infos),
+        d,
+        heads,
+    )
 
 
 # -----------------------------------------------------------------------------

@@ -1,15 +1,17 @@
 """TruthfulQA prompting and batched greedy answers.
 
 The prompt is TruthfulQA's "qa" preset with its instruction prefix, as ITI
-uses it; the model continues after `Q: {question}` and the answer is the text
-after the first `A:` and before the next `Q:`.
+uses it; the model continues after `Q: {question}` and the answer is cut out
+of the continuation by a rule (`extract_answer`): by default the published
+code's (the text before the first `Q:`, then after the first `A:` in it), or
+the first paragraph after the first `A:`.
 
 Two speed-ups, both on by default in `answer_questions` and each with a switch
 to turn it off: the shared instruction and primer are run once and their
 key/value cache reused for every question (`slim.prefix`), and a row stops
 decoding once its answer is closed (`answer_closed`), the batch shrinking as
-rows finish. Neither changes an extracted answer; with both off, answers come
-from `model.generate` on the full prompts.
+rows finish. Neither changes an extracted answer (under the rule in force);
+with both off, answers come from `model.generate` on the full prompts.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .config import ANSWER_RULES, check_choice
 from .heads import EditFactory
-from .io import DamagedArtefact, kill_point, reading, warn_rebuild, write_checked
+from .io import DamagedArtefact, kill_point, reading, warn_rebuild, write_checked, write_json
 from .prefix import PrefixCache, cache_argument, left_pad, returned_cache, tokenizer_pad_id
 
 log = logging.getLogger(__name__)
@@ -67,32 +70,52 @@ def shared_prefix(instruction: bool = True) -> str:
     return qa_prompt("", instruction).rstrip()
 
 
-def extract_answer(generated: str) -> str:
-    """The answer in a continuation of `Q: {question}`.
+def extract_answer(generated: str, rule: str = "published") -> str:
+    """The answer in a continuation of `Q: {question}`, cut out by `rule`.
 
-    Text after the first `A:` and before the next `Q:`; a continuation with
-    no `A:` is taken from its start (the model answered without the tag).
-    Only the first paragraph is kept, since the primer puts one answer per
-    paragraph.
+    "published" (the published code's, honest_llama's `tqa_run_answers`):
+    strip, keep the text before the first `Q:`, then the text after its
+    first `A:` (up to a second `A:`, as `split("A:")[1]` does), stripped,
+    newlines and all; without an `A:` before the first `Q:`, the text before
+    `Q:` is kept. "paragraph": the text after the first `A:` anywhere and
+    before the next `Q:`, first paragraph only, whitespace collapsed; a
+    continuation with no `A:` is taken from its start.
     """
+    check_choice("answer_rule", rule, ANSWER_RULES)
+    return _published_answer(generated) if rule == "published" else _paragraph_answer(generated)
+
+
+def _published_answer(generated: str) -> str:
+    # The published try/except: an IndexError (no `A:`) leaves the text before `Q:` as it is.
+    text = generated.strip().split("Q:")[0].strip()
+    parts = text.split("A:")
+    return parts[1].strip() if len(parts) > 1 else text
+
+
+def _paragraph_answer(generated: str) -> str:
     text = generated
     if "A:" in text:
         text = text.split("A:", 1)[1]
     text = text.split("Q:", 1)[0]
-    text = re.split(r"\n\s*\n", text.strip(), maxsplit=1)[0]
+    text = _PARAGRAPH_BREAK.split(text.strip(), maxsplit=1)[0]
     return " ".join(text.split())
 
 
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 
-def answer_closed(generated: str) -> bool:
-    """Whether no continuation of `generated` can change `extract_answer(generated)`.
+def answer_closed(generated: str, rule: str = "published") -> bool:
+    """Whether no continuation of `generated` can change `extract_answer(generated, rule)`.
 
-    True once an `A:` is followed by a `Q:`, or by a paragraph break after
-    some text (extract_answer keeps the first paragraph only). Appending text
-    cannot move the first `A:`, the first `Q:` after it or the first break.
+    Appending text cannot move a `Q:`, an `A:` or a paragraph break that is
+    already there, only add new ones after them. "published": closed once
+    there is a `Q:` (the answer lies before it) or a second `A:` (the answer
+    ends there). "paragraph": closed once an `A:` is followed by a `Q:`, or
+    by a paragraph break after some text.
     """
+    check_choice("answer_rule", rule, ANSWER_RULES)
+    if rule == "published":
+        return "Q:" in generated or generated.count("A:") >= 2
     if "A:" not in generated:
         return False  # an `A:` may still come, and the answer would start there
     after = generated.split("A:", 1)[1]
@@ -122,12 +145,18 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def _decode_rows(
-    model, tokenizer, seqs: list[list[int]], prefix: PrefixCache | None, max_new_tokens: int, stop_at_answer: bool
+    model,
+    tokenizer,
+    seqs: list[list[int]],
+    prefix: PrefixCache | None,
+    max_new_tokens: int,
+    stop_at_answer: bool,
+    answer_rule: str = "published",
 ) -> list[list[int]]:
     """Greedy new tokens of each row of `seqs` (each row's own tokens, after `prefix` when given).
 
     A row ends at an end-of-sequence token or, with `stop_at_answer`, once
-    its answer is closed; ended rows leave the batch (and the cache).
+    its answer is closed under `answer_rule`; ended rows leave the batch (and the cache).
     """
     device = model.get_input_embeddings().weight.device
     past = len(prefix) if prefix is not None else 0
@@ -152,9 +181,8 @@ def _decode_rows(
         ended = []
         for row, token in zip(rows, next_ids.tolist()):
             new[row].append(token)
-            ended.append(
-                token in eos or (stop_at_answer and answer_closed(tokenizer.decode(new[row], skip_special_tokens=True)))
-            )
+            text = tokenizer.decode(new[row], skip_special_tokens=True) if stop_at_answer else ""
+            ended.append(token in eos or (stop_at_answer and answer_closed(text, answer_rule)))
         if all(ended) or step + 1 == max_new_tokens:
             break
         if any(ended):
@@ -177,6 +205,7 @@ def greedy_answer_tokens(
     edit: EditFactory | None = None,
     prefix: PrefixCache | None = None,
     stop_at_answer: bool = True,
+    answer_rule: str = "published",
 ) -> list[list[int]]:
     """New token ids of the greedy continuation of each prompt, the edit active throughout.
 
@@ -184,9 +213,9 @@ def greedy_answer_tokens(
     prompts that do not start with its tokens run in full. The edit is
     applied as in `model.generate` on the full prompt: at the last position
     of every forward call (the prompt's last token, then each new token).
-    With `stop_at_answer` a row ends once its answer is closed; the tokens
-    are then the start of the full continuation and the extracted answer is
-    the same.
+    With `stop_at_answer` a row ends once its answer is closed under
+    `answer_rule`; the tokens are then the start of the full continuation and
+    the answer extracted under that rule is the same.
     """
     seqs = [list(s) for s in tokenizer(prompts)["input_ids"]]
     cached = [prefix is not None and prefix.matches(s) for s in seqs]
@@ -204,6 +233,7 @@ def greedy_answer_tokens(
                     prefix if use_prefix else None,
                     max_new_tokens,
                     stop_at_answer,
+                    answer_rule,
                 )
                 for i, tokens in zip(rows, group):
                     new[i] = tokens
@@ -251,22 +281,28 @@ def generate_greedy(
     device=None,
     prefix: PrefixCache | None = None,
     stop_at_answer: bool = False,
+    answer_rule: str = "published",
 ) -> list[str]:
     """Greedy continuations (text) of a batch of prompts, the edit active throughout.
 
     Plain `model.generate` on the full prompts unless a `prefix` cache is
-    given or `stop_at_answer` is set (then `greedy_answer_tokens`).
+    given or `stop_at_answer` is set (then `greedy_answer_tokens`, stopping
+    where the answer is closed under `answer_rule`).
     """
     if (prefix is not None or stop_at_answer) and _logit_settings(model):
         prefix, stop_at_answer = None, False  # answer_questions says so once; here it is quiet
     if prefix is None and not stop_at_answer:
         new_tokens = greedy_tokens(model, tokenizer, prompts, max_new_tokens, edit, device)
     else:
-        new_tokens = greedy_answer_tokens(model, tokenizer, prompts, max_new_tokens, edit, prefix, stop_at_answer)
+        new_tokens = greedy_answer_tokens(
+            model, tokenizer, prompts, max_new_tokens, edit, prefix, stop_at_answer, answer_rule
+        )
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
-ANSWER_COLUMNS = ["question_idx", "question", "generation", "answer"]
+ANSWER_COLUMNS = ["question_idx", "question", "generation", "answer", "answer_rule"]
+# Files written before the rule was recorded lack its column: their answers are the paragraph rule's, the only one.
+_UNRULED_COLUMNS, _UNRULED_RULE = ANSWER_COLUMNS[:4], "paragraph"
 
 
 def _answers_so_far(out_csv: Path) -> pd.DataFrame:
@@ -276,13 +312,97 @@ def _answers_so_far(out_csv: Path) -> pd.DataFrame:
         return empty
     try:
         with reading(out_csv, "delete it to answer its questions again."):
-            done = pd.read_csv(out_csv, keep_default_na=False)
+            done = pd.read_csv(out_csv, keep_default_na=False, dtype=str)  # an answer "1955" stays text
+            if list(done.columns) == _UNRULED_COLUMNS:
+                done["answer_rule"] = _UNRULED_RULE
             if list(done.columns) != ANSWER_COLUMNS:
                 raise ValueError(f"columns {list(done.columns)}, not {ANSWER_COLUMNS}")
+            unknown = sorted(set(done["answer_rule"]) - set(ANSWER_RULES))
+            if unknown:
+                raise ValueError(f"unknown answer rule {unknown[0]!r}")
             done["question_idx"] = done["question_idx"].astype(int)
     except DamagedArtefact as err:
         warn_rebuild(err, "answering its questions again.")
         return empty
+    return done
+
+
+def _under_rule(done: pd.DataFrame, rule: str, out_csv: Path) -> tuple[pd.DataFrame, bool]:
+    """The saved answers as `rule` extracts them, and whether any row changed.
+
+    An answer saved under another rule is extracted again from its saved
+    generation where that is exact: the generation is closed under `rule`
+    (nothing after it could change the answer), or it is not closed under its
+    own rule (so decoding was not stopped early and it is the whole
+    continuation). Otherwise decoding stopped where the old rule's answer was
+    complete, perhaps before this rule's is: the row is dropped and its
+    question answered again.
+    """
+    old = done[done["answer_rule"] != rule]
+    if old.empty:
+        return done, False
+    exact = pd.Series(
+        [answer_closed(g, rule) or not answer_closed(g, r) for g, r in zip(old["generation"], old["answer_rule"])],
+        index=old.index,
+        dtype=bool,
+    )
+    again = exact[exact].index
+    done = done.copy()
+    done.loc[again, "answer"] = [extract_answer(g, rule) for g in done.loc[again, "generation"]]
+    done.loc[again, "answer_rule"] = rule
+    log.info(
+        "%s: %d answers saved under another rule re-extracted under the %s rule from their generations; "
+        "%d stopped before the %s rule's answer was complete and are answered again.",
+        out_csv,
+        len(again),
+        rule,
+        int((~exact).sum()),
+        rule,
+    )
+    return done.drop(index=exact[~exact].index), True
+
+
+def answers_source(model, edit, max_new_tokens: int, instruction: bool) -> dict:
+    """What decides a file's answers besides the rule: the model, the edit (a policy's digest), the prompt and the
+    length. Answers saved under another source are not reused (`answer_questions`)."""
+    from .interventions import model_fingerprint
+
+    digest = getattr(edit, "digest", None)
+    return {
+        "model": str(getattr(model.config, "_name_or_path", "")),
+        "fingerprint": model_fingerprint(model),
+        # an edit factory that is not a Policy cannot be told apart from another: recorded as such
+        "edit": None if edit is None else digest() if callable(digest) else "unrecorded",
+        "max_new_tokens": int(max_new_tokens),
+        "instruction": bool(instruction),
+    }
+
+
+def source_path(out_csv: Path) -> Path:
+    return out_csv.with_name(out_csv.stem + ".source.json")
+
+
+def _answered_elsewhere(out_csv: Path, source: dict, done: pd.DataFrame) -> pd.DataFrame:
+    """The saved answers if they were made under `source`, else none: the old file is renamed (kept) with one
+    warning. A file from before sources were recorded is taken as made under `source`."""
+    import json
+    import time
+
+    path = source_path(out_csv)
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        saved = {"damaged": True}
+    if saved is not None and saved != source and len(done):
+        differs = sorted(k for k in set(saved) | set(source) if saved.get(k) != source.get(k))
+        kept = out_csv.with_name(f"{out_csv.stem}.replaced-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+        out_csv.rename(kept)
+        log.warning(
+            "%s holds answers made with another %s: kept as %s; answering again.", out_csv, ", ".join(differs), kept
+        )
+        done = done.iloc[:0]
+    if saved != source:
+        write_json(path, source)
     return done
 
 
@@ -298,17 +418,28 @@ def answer_questions(
     progress: bool = True,
     prefix_cache: bool = True,
     stop_at_answer: bool = True,
+    answer_rule: str = "published",
 ) -> pd.DataFrame:
     """Answer every question (columns question_idx, Question), writing the CSV after each batch.
 
     A rerun reads the CSV back and only answers the questions it lacks, so an
-    interrupted run resumes; the finished CSV is returned in question order.
-    Columns: question_idx, question, generation, answer. `prefix_cache`
-    reuses the shared prompt's cache, `stop_at_answer` ends each generation
-    where its answer is closed (the generation column then stops there too).
+    interrupted run resumes; the asked questions' answers are returned in question order. Answers made
+    with another model, edit (policy digest), prompt or length (`answers_source`, saved beside the CSV
+    as <stem>.source.json) are not reused: that file is renamed and the questions answered again.
+    Columns: question_idx, question, generation, answer, answer_rule.
+    `prefix_cache` reuses the shared prompt's cache, `stop_at_answer` ends
+    each generation where its answer is closed under `answer_rule` (the
+    generation column then stops there too). Answers a file holds under
+    another rule are re-extracted from their generations, or answered again
+    where a generation stopped too early for that (`_under_rule`).
     """
+    check_choice("answer_rule", answer_rule, ANSWER_RULES)
     out_csv = Path(out_csv)
-    done = _answers_so_far(out_csv)
+    source = answers_source(model, edit, max_new_tokens, instruction)
+    done = _answered_elsewhere(out_csv, source, _answers_so_far(out_csv))
+    done, changed = _under_rule(done, answer_rule, out_csv)
+    if changed:  # the file says what is returned, whatever happens next
+        write_checked(out_csv, lambda tmp: done[ANSWER_COLUMNS].to_csv(tmp, index=False))
     have = set(done["question_idx"].astype(int).tolist())
     todo = questions[~questions["question_idx"].isin(have)]
     # Longest prompts first: batches of similar length pad less.
@@ -337,12 +468,22 @@ def answer_questions(
             batch = todo.iloc[start : start + batch_size]
             prompts = [qa_prompt(q, instruction) for q in batch["Question"]]
             generations = generate_greedy(
-                model, tokenizer, prompts, max_new_tokens, edit, prefix=prefix, stop_at_answer=stop_at_answer
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens,
+                edit,
+                prefix=prefix,
+                stop_at_answer=stop_at_answer,
+                answer_rule=answer_rule,
             )
             for idx, q, g in zip(batch["question_idx"], batch["Question"], generations):
-                rows.append({"question_idx": int(idx), "question": q, "generation": g, "answer": extract_answer(g)})
+                answer, rule = extract_answer(g, answer_rule), answer_rule
+                rows.append(dict(question_idx=int(idx), question=q, generation=g, answer=answer, answer_rule=rule))
             write_checked(out_csv, lambda tmp: pd.DataFrame(rows, columns=ANSWER_COLUMNS).to_csv(tmp, index=False))
             kill_point("answers")
             bar.update(len(batch))
-    result = pd.DataFrame(rows).sort_values("question_idx").reset_index(drop=True)
-    return result
+    # Only the questions asked: the file may hold others (another split or subset answered earlier into it).
+    result = pd.DataFrame(rows, columns=ANSWER_COLUMNS)
+    result = result[result["question_idx"].isin(questions["question_idx"])]
+    return result.sort_values("question_idx").reset_index(drop=True)

@@ -11,7 +11,11 @@ projection sees exactly that input, whatever the attention implementation
 
 `edit(layer, acts)` receives a (batch, seq, heads, head_dim) view of the
 projection input and may change it in place or return a new tensor of the
-same shape. All hooks are removed on exit, so the model is exactly as before.
+same shape. A caller that scores a whole text sets `trace.positions`, a
+(batch, seq) bool mask of the positions to edit in the next forward call;
+the edit is then called as `edit(layer, acts, positions=mask)` (policies move
+each marked position on its own activations). All hooks are removed on exit,
+so the model is exactly as before.
 
 Where the projections are is a `HeadLayout`, e.g. `model.layers:self_attn.o_proj`
 (blocks path, projection path inside a block), found by searching the model
@@ -211,6 +215,10 @@ class HeadTrace:
         stop_after_last: stop the forward pass after the highest traced layer (its projection input is all
             we need); the exception that does so is swallowed on exit, so use one forward call per `with` block.
         layout: optional HeadLayout override (see `find_head_layout`).
+
+    `positions` (settable while open): None, the edit's own default (a policy's: the last position of every
+    forward call, as in generation), or a (batch, seq) bool mask of the positions the edit moves in the
+    forward calls that follow, passed on as `edit(layer, acts, positions=mask)`.
     """
 
     def __init__(
@@ -232,6 +240,7 @@ class HeadTrace:
         if record not in (None, "all", "last"):
             raise ValueError(f"record must be None, 'all' or 'last', got {record!r}.")
         self.edit, self.record, self.stop_after_last = edit, record, stop_after_last
+        self.positions: torch.Tensor | None = None  # (batch, seq) bool, or None: the edit's default positions
         self.activations: dict[int, torch.Tensor] = {}
         self._handles: list = []
 
@@ -247,13 +256,26 @@ class HeadTrace:
                 # Edit a copy so the caller's tensor (e.g. the attention output
                 # another module still holds) is never changed behind its back.
                 acts = acts.clone()
-                new = self.edit(layer, acts)
+                if self.positions is None:
+                    new = self.edit(layer, acts)
+                else:
+                    new = self.edit(layer, acts, positions=self._mask_for(acts))
                 args = ((acts if new is None else new).reshape(x.shape), *args[1:])
             if self.stop_after_last and layer == self.layers[-1]:
                 raise _StopForward
             return args if self.edit is not None else None
 
         return pre_hook
+
+    def _mask_for(self, acts: torch.Tensor) -> torch.Tensor:
+        """`positions` on the activations' device, checked against their (batch, seq)."""
+        mask = self.positions
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(acts.shape[:2]):
+            raise ValueError(
+                f"edit positions must be a bool mask of the forward call's (batch, seq) = {tuple(acts.shape[:2])}, "
+                f"got {mask.dtype} {tuple(mask.shape)}."
+            )
+        return mask.to(acts.device)
 
     def __enter__(self) -> "HeadTrace":
         for layer in self.layers:

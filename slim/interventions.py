@@ -2,8 +2,12 @@
 
 Every policy edits the head-wise activations at the last position of every
 forward call (the prompt's last token, then each generated token under the KV
-cache; with left padding that is position -1 of every row). A policy attaches
-to a model as a context manager, so plain `model.generate` calls are edited:
+cache; with left padding that is position -1 of every row). A caller that
+scores a whole text in one forward pass (MC1/MC2, CE/KL) names the positions
+to edit instead (`HeadTrace.positions`, a (batch, seq) mask): each marked
+position is moved on its own activations, as if it were the last position of
+a call, so SLIM's detector decides per row and position. A policy attaches to
+a model as a context manager, so plain `model.generate` calls are edited:
 
     policy = SlimPolicy.load("validation/policies/smollm2_135M_fold0")
     with policy.attach(model):
@@ -15,6 +19,7 @@ refuse to attach to a model of another shape.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -53,7 +58,7 @@ class Policy:
         self.fingerprint = fingerprint or {}
         self.meta = meta or {}
 
-    # Subclasses define params() (JSON-able knobs) and edit(layer, acts).
+    # Subclasses define params() (JSON-able knobs), layers and move(layer, a).
     def params(self) -> dict:
         return {}
 
@@ -61,14 +66,33 @@ class Policy:
     def layers(self) -> list[int]:
         raise NotImplementedError
 
-    def edit(self, layer: int, acts: torch.Tensor) -> None:
+    def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        """New activations (n, H, d) for activations a (n, H, d) of `layer`, one edited position per row."""
         raise NotImplementedError
+
+    def edit(self, layer: int, acts: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Move acts (batch, seq, H, d) in place: the last position of every row (one forward call of
+        generation), or every position where `positions` (batch, seq) is True, each on its own activations."""
+        if positions is None:
+            acts[:, -1] = self.move(layer, acts[:, -1])
+        else:
+            acts[positions] = self.move(layer, acts[positions])  # (n marked, H, d): no loop over positions
 
     @property
     def moves_nothing(self) -> bool:
         """True when the edit leaves every activation exactly as it is (e.g. SLIM at kappa 0): the answers are
         then the unintervened model's, and evaluation reuses those instead of answering again."""
         return False
+
+    def digest(self) -> str:
+        """sha256 (16 hex) of what decides the policy's edits: its kind, knobs, model fingerprint and tensors.
+        Answers saved with one digest are never reused for a policy with another (slim.generation)."""
+        h = hashlib.sha256(json.dumps([self.kind, self.params(), self.fingerprint], sort_keys=True).encode())
+        for name in self.tensor_names:
+            t = getattr(self, name).detach().cpu().contiguous()
+            h.update(f"\0{name}|{tuple(t.shape)}|{t.dtype}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def check_model(self, model) -> None:
         got = model_fingerprint(model)
@@ -168,6 +192,16 @@ class SlimPolicy(Policy):
             raise ValueError(f"layer {layer} is out of range: the model has layers 0..{fingerprint['num_layers'] - 1}.")
         self.layer, self.tau, self.kappa, self.psi = int(layer), int(tau), float(kappa), psi
         self._cache: dict = {}
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Start counting the edited positions and those where the layer fired again (see firing_rate)."""
+        self._seen, self._fired = 0, None  # _fired stays a tensor on the model's device: no sync per step
+
+    def firing_rate(self) -> float | None:
+        """The share of edited positions since reset_counts() at which the layer's detector fired (>= tau votes):
+        during generation, of the decoded positions. None when no position was edited."""
+        return float(self._fired) / self._seen if self._seen else None
 
     @property
     def layers(self) -> list[int]:
@@ -187,7 +221,10 @@ class SlimPolicy(Policy):
         return self._cache[device]
 
     def step(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Edit last-position activations a (batch, H, d) -> (new a, votes (batch, H), fired (batch,))."""
+        """Edit activations a (n, H, d), one position per row -> (new a, votes (n, H), fired (n,)).
+
+        Each row is decided on its own: its heads' probes vote, the layer fires on its votes, psi weighs them.
+        """
         weight, bias, A, b = self._on(a.device)
         a32 = a.float()
         p = torch.sigmoid(torch.einsum("bhd,hd->bh", a32, weight) + bias)  # (batch, H) P(undesirable)
@@ -198,13 +235,15 @@ class SlimPolicy(Policy):
         new = a32 + omega[..., None] * (mapped - a32)
         return new.to(a.dtype), votes, fired
 
-    def edit(self, layer: int, acts: torch.Tensor) -> None:
-        # acts: (batch, seq, H, d); only the last position of this forward call moves
-        acts[:, -1] = self.step(acts[:, -1])[0]
+    def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        new, _, fired = self.step(a)
+        self._seen += fired.numel()
+        self._fired = fired.sum() if self._fired is None else self._fired + fired.sum()
+        return new
 
 
 class ITIPolicy(Policy):
-    """ITI: add alpha * sigma_k * direction_k to K chosen (layer, head) pairs at the last position."""
+    """ITI: add alpha * sigma_k * direction_k to K chosen (layer, head) pairs at the edited positions."""
 
     kind = "iti"
     tensor_names = ("heads", "directions", "sigmas")
@@ -239,14 +278,16 @@ class ITIPolicy(Policy):
     def moves_nothing(self) -> bool:
         return self.alpha == 0 or len(self.heads) == 0
 
-    def edit(self, layer: int, acts: torch.Tensor) -> None:
-        heads, shift = self._by_layer[layer]
-        acts[:, -1, heads.to(acts.device)] += shift.to(device=acts.device, dtype=acts.dtype)
+    def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        heads, shift = self._by_layer[layer]  # (k,), (k, d)
+        new = a.clone()  # (n, H, d)
+        new[:, heads.to(a.device)] += shift.to(device=a.device, dtype=a.dtype)
+        return new
 
 
 class MimicPolicy(Policy):
-    """MiMiC-style mean and covariance matching at one layer: every head's last-position
-    activation moves by the Gaussian OT map from the undesirable to the desirable class,
+    """MiMiC-style mean and covariance matching at one layer: every head's activation at the
+    edited positions moves by the Gaussian OT map from the undesirable to the desirable class,
     with no detector; `strength` interpolates between identity (0) and the full map (1)."""
 
     kind = "mimic"
@@ -270,8 +311,8 @@ class MimicPolicy(Policy):
     def moves_nothing(self) -> bool:
         return self.strength == 0
 
-    def edit(self, layer: int, acts: torch.Tensor) -> None:
-        a = acts[:, -1].float()  # (batch, H, d)
+    def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        a32 = a.float()  # (n, H, d)
         A, b = self.A.to(a.device), self.b.to(a.device)
-        mapped = torch.einsum("hij,bhj->bhi", A, a) + b
-        acts[:, -1] = (a + self.strength * (mapped - a)).to(acts.dtype)
+        mapped = torch.einsum("hij,bhj->bhi", A, a32) + b
+        return (a32 + self.strength * (mapped - a32)).to(a.dtype)

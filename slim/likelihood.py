@@ -3,8 +3,17 @@
 Each takes an optional `edit`: a callable `edit(model)` that returns a context
 manager (an intervention policy's `attach`); it is entered around every
 forward pass of the edited model. Batches are left-padded with explicit
-position ids, so position -1 is a real token in every row (what the
-interventions edit) and a padded row scores exactly like the row alone.
+position ids, so a padded row scores exactly like the row alone.
+
+Where the edit acts (`edit_at`): a whole text is scored in one forward pass,
+and a policy left to itself edits only that pass's last position, whose
+logits no score reads. "every" (the default, as the published code) edits
+every position from the answer's first token (MC) or from position 0
+(CE/KL): the positions are handed to the policy's HeadTrace as a (batch, seq)
+mask, counted from each row's own first token whatever the padding or the
+shared-prefix cache, and SLIM's detector decides at each of them. "last"
+keeps the policy's default (the scores then equal the unedited model's).
+An edit whose context is not a HeadTrace (a hook of its own) acts as it does.
 """
 
 from __future__ import annotations
@@ -16,8 +25,9 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from .config import LIKELIHOOD_EDITS, check_choice
 from .data import split_answers
-from .heads import EditFactory
+from .heads import EditFactory, HeadTrace
 from .prefix import PrefixCache, cache_argument, left_pad, tokenizer_pad_id
 
 __all__ = ["mc1", "mc2", "mc_scores", "answer_logprobs", "close_answer", "ce_and_kl", "load_text_corpus", "CEKL"]
@@ -66,13 +76,33 @@ def _model_device(model):
     return next(model.parameters()).device
 
 
+def edit_positions(seqs: list[list[int]], edit_from: Sequence[int]):
+    """(batch, width) bool mask of a left-padded batch of `seqs`: True from token `edit_from[i]` of row i on.
+
+    Row i's token k sits at column width - len(seqs[i]) + k, so pads (before
+    its first token) are never marked.
+    """
+    import torch
+
+    width = max(len(s) for s in seqs)
+    first = torch.tensor([width - len(s) + int(f) for s, f in zip(seqs, edit_from)])  # (batch,)
+    return torch.arange(width)[None, :] >= first[:, None]
+
+
 def forward_logits(
-    model, seqs: list[list[int]], pad_id: int, edit: EditFactory | None = None, prefix: PrefixCache | None = None
+    model,
+    seqs: list[list[int]],
+    pad_id: int,
+    edit: EditFactory | None = None,
+    prefix: PrefixCache | None = None,
+    edit_from: Sequence[int] | None = None,
 ):
     """Float32 logits (batch, seq, vocab) of a left-padded batch and its mask (batch, seq), under `edit(model)`.
 
     With `prefix`, each of `seqs` is what follows the prefix's tokens: only
-    those are run, on a copy of the prefix's cache.
+    those are run, on a copy of the prefix's cache. `edit_from`: for each
+    row, the first of its tokens (in `seqs[i]`) the edit moves, and every one
+    after it; None leaves the edit at its default (the last position).
     """
     import torch
 
@@ -85,7 +115,9 @@ def forward_logits(
     if prefix is not None:
         kwargs[cache_argument(model)] = prefix.expand(len(seqs))
     context = edit(model) if edit is not None else contextlib.nullcontext()
-    with torch.no_grad(), context:
+    with torch.no_grad(), context as trace:
+        if edit_from is not None and isinstance(trace, HeadTrace):
+            trace.positions = edit_positions(seqs, edit_from).to(device)
         logits = model(**kwargs).logits
     return logits.float(), mask[:, past:].to(logits.device)
 
@@ -116,17 +148,20 @@ def answer_logprobs(
     edit: EditFactory | None = None,
     batch_size: int = 16,
     prefix: PrefixCache | None = None,
+    edit_at: str = "every",
 ) -> np.ndarray:
     """Sum of the log-probs of each answer's tokens given `prompt` (answer text appended verbatim).
 
     Include the separator yourself, e.g. prompt "...\\nA:" and answers
     " Paris.". `edit(model)` (a context manager factory) is entered around
-    each forward pass. `prefix`: the cache of the start the prompt shares
-    with others (`PrefixCache.build`), used where every answer's tokens start
-    with it.
+    each forward pass; with `edit_at` "every" it moves every position from
+    the answer's first token on, with "last" only the last one. `prefix`:
+    the cache of the start the prompt shares with others
+    (`PrefixCache.build`), used where every answer's tokens start with it.
     """
     import torch
 
+    check_choice("likelihood_edit", edit_at, LIKELIHOOD_EDITS)
     if not answers:
         return np.zeros(0)
     encoded = [_answer_tokens(tokenizer, prompt, a) for a in answers]
@@ -137,7 +172,8 @@ def answer_logprobs(
         use_prefix = prefix is not None and all(prefix.matches(ids) and start > len(prefix) for ids, start in chunk)
         skip = len(prefix) if use_prefix else 0  # tokens held in the prefix's cache, not run again
         seqs = [ids[skip:] for ids, _ in chunk]
-        logits, _ = forward_logits(model, seqs, pad_id, edit, prefix if use_prefix else None)
+        edit_from = [start - skip for _, start in chunk] if edit_at == "every" else None  # the answers' first tokens
+        logits, _ = forward_logits(model, seqs, pad_id, edit, prefix if use_prefix else None, edit_from)
         logp = torch.log_softmax(logits, dim=-1)
         width = logits.shape[1]
         for row, (ids, start) in enumerate(chunk):
@@ -168,6 +204,7 @@ def mc_scores(
     edit: EditFactory | None = None,
     batch_size: int = 16,
     prefix_cache: bool = True,
+    edit_at: str = "every",
 ) -> dict:
     """Mean MC1 and MC2 over TruthfulQA rows, as TruthfulQA's `run_probs` scores them.
 
@@ -178,8 +215,11 @@ def mc_scores(
     MC1 compares the Best Answer with the incorrect answers; MC2 normalises
     the probability of the correct answers against all answers. With the
     default prompt and `prefix_cache`, the shared instruction and primer are
-    run once and their cache reused (the same scores, less work).
+    run once and their cache reused (the same scores, less work). `edit_at`:
+    where the edit acts, "every" position from each answer's first token (as
+    the published code) or the "last" position only (see the module's notes).
     """
+    check_choice("likelihood_edit", edit_at, LIKELIHOOD_EDITS)
     records = rows.to_dict("records") if hasattr(rows, "to_dict") else list(rows)
     if not records:
         raise ValueError("mc_scores needs at least one question row.")
@@ -204,6 +244,7 @@ def mc_scores(
             edit=edit,
             batch_size=batch_size,
             prefix=prefix,
+            edit_at=edit_at,
         )
         lp_best, lp_true, lp_false = logp[0], logp[1 : 1 + len(true)], logp[1 + len(true) :]
         scores1.append(mc1(lp_best, lp_false))
@@ -246,7 +287,13 @@ def load_text_corpus(name: str = OPENWEBTEXT, n_texts: int = 100, tqa_dir=None) 
 
 
 def ce_and_kl(
-    model, tokenizer, texts, edit: EditFactory | None = None, max_length: int = 128, batch_size: int = 8
+    model,
+    tokenizer,
+    texts,
+    edit: EditFactory | None = None,
+    max_length: int = 128,
+    batch_size: int = 8,
+    edit_at: str = "every",
 ) -> CEKL:
     """Token-weighted mean CE of the edited model and KL(unedited || edited), over `texts`.
 
@@ -254,9 +301,12 @@ def ce_and_kl(
     ("openwebtext-10k" when online, else "tqa-best-answers"). Each text is
     truncated to `max_length` tokens; every next-token prediction inside a
     text counts once. With `edit=None` this is the plain model's CE and KL 0.
+    `edit_at`: "every" position from 0 is edited (as the published code), or
+    the "last" only (then CE is the plain model's and KL 0).
     """
     import torch
 
+    check_choice("likelihood_edit", edit_at, LIKELIHOOD_EDITS)
     if isinstance(texts, str):
         texts, used = load_text_corpus(texts)
         log.info("CE/KL corpus: %s (%d texts)", used, len(texts))
@@ -270,7 +320,8 @@ def ce_and_kl(
     for lo in range(0, len(seqs), batch_size):
         chunk = seqs[lo : lo + batch_size]
         base, mask = forward_logits(model, chunk, pad_id)
-        edited = base if edit is None else forward_logits(model, chunk, pad_id, edit)[0]
+        edit_from = [0] * len(chunk) if edit_at == "every" else None  # every token of every text
+        edited = base if edit is None else forward_logits(model, chunk, pad_id, edit, edit_from=edit_from)[0]
         ids, _, _ = left_pad(chunk, pad_id)
         ids = ids.to(base.device)
         scored = (mask[:, :-1] * mask[:, 1:]).bool()  # predictions of a real token from a real token

@@ -12,7 +12,11 @@ program per cache-sized block of probes; see RiskAwareProbes.block_size):
 
 The gradient of all three loss types is written by hand (it is a per-row
 scalar times the activation), Adam is applied in place, and after every epoch
-the hard validation loss FPR + bl*FNR picks each probe's checkpoint.
+the hard validation loss FPR + bl*FNR is recorded. The kept parameters are
+the last epoch's (`checkpoint="last"`, what the published code ends up
+using: it saves `clf.state_dict()` without a copy, and Adam keeps updating
+those live tensors) or the best-validation epoch's (`"best"`, the paper's
+description).
 `fit_one_probe` is the plain nn.Linear + Adam + autograd reference that the
 tests and the benchmark compare against.
 
@@ -53,13 +57,26 @@ def init_weights(P, d, seed=0):
 
 
 def fit_one_probe(
-    x, y, x_val, y_val, w0, b0=0.0, loss_type="risk", bl=1.0, beta=0.0, epochs=1000, lr=2e-3, dtype=torch.float32
+    x,
+    y,
+    x_val,
+    y_val,
+    w0,
+    b0=0.0,
+    loss_type="risk",
+    bl=1.0,
+    beta=0.0,
+    epochs=1000,
+    lr=2e-3,
+    dtype=torch.float32,
+    checkpoint="last",
 ):
     """Reference trainer: one probe, nn.Linear + torch.optim.Adam + autograd.
 
     x (N, d), x_val (N_val, d), w0 (d,). Full-batch epochs; after each epoch the
-    hard val loss is computed and the earliest best parameters are kept.
-    Returns (weight (d,), bias float, best_epoch in 1..epochs, best_val_loss).
+    hard val loss is computed. Keeps the last epoch's parameters
+    (checkpoint "last") or the earliest best ones ("best").
+    Returns (weight (d,), bias float, kept epoch in 1..epochs, its hard val loss).
     """
     x = torch.as_tensor(x).to(dtype)
     x_val = torch.as_tensor(x_val).to(dtype)
@@ -79,7 +96,7 @@ def fit_one_probe(
         opt.step()
         with torch.no_grad():
             val = float(hard_risk_loss(torch.sigmoid(lin(x_val)), y_val, bl)[0])
-        if val < best[0]:  # strict: the earliest best epoch wins ties
+        if checkpoint == "last" or val < best[0]:  # "best": strict <, so the earliest best epoch wins ties
             best = (val, epoch, lin.weight.detach()[0].clone(), float(lin.bias.detach()[0]))
     return best[2], best[3], best[1], best[0]
 
@@ -143,6 +160,9 @@ class RiskAwareProbes:
     beta       L2 penalty on the slopes
     epochs, lr full-batch Adam steps and learning rate
     seed       seed of the Xavier-uniform initial weights (see init_weights)
+    checkpoint "last" (published code): keep the parameters after the last
+               epoch; "best" (paper): those of the earliest epoch with the
+               lowest hard validation loss
     device     torch device
     dtype      "float32" or "float64" (float64 for exact comparisons)
     block_size probes per block: the P probes are trained in blocks of this
@@ -159,8 +179,11 @@ class RiskAwareProbes:
                faster. While fit runs on CPU, torch's intra-op thread count is
                1 (restored afterwards); results do not depend on n_jobs.
 
-    After fit: coef_ (P, d), intercept_ (P,), best_epoch_ (P,) in 1..epochs,
-    best_val_loss_ (P,), n_features_in_ = d, probe_shape_ = (P,) or (L, H).
+    After fit: coef_ (P, d), intercept_ (P,) the kept parameters; epoch_ (P,)
+    their epoch in 1..epochs and val_loss_ (P,) their hard validation loss;
+    best_epoch_ (P,) and best_val_loss_ (P,) the best-validation epoch and
+    loss (whichever checkpoint is kept); n_features_in_ = d, probe_shape_ =
+    (P,) or (L, H).
     """
 
     def __init__(
@@ -175,6 +198,7 @@ class RiskAwareProbes:
         dtype="float32",
         block_size=None,
         n_jobs=None,
+        checkpoint="last",
     ):
         self.loss_type = loss_type
         self.bl = bl
@@ -186,9 +210,11 @@ class RiskAwareProbes:
         self.dtype = dtype
         self.block_size = block_size
         self.n_jobs = n_jobs
+        self.checkpoint = checkpoint
 
     def _check_params(self):
-        ProbeConfig(self.loss_type, self.bl, self.beta, self.epochs, self.lr, self.seed)  # the shared settings
+        # the settings shared with the stage-1 config, checked there
+        ProbeConfig(self.loss_type, self.bl, self.beta, self.epochs, self.lr, self.seed, self.checkpoint)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.block_size is not None and (int(self.block_size) != self.block_size or self.block_size < 1):
@@ -251,10 +277,12 @@ class RiskAwareProbes:
                 torch.set_num_threads(threads)
         else:
             results = [train(s) for s in starts]
-        best_theta, best_epoch, best_loss = (torch.cat(r) for r in zip(*results))
+        theta, epoch, loss, best_epoch, best_loss = (torch.cat(r) for r in zip(*results))
 
-        self.coef_ = best_theta[:, :d]
-        self.intercept_ = best_theta[:, d]
+        self.coef_ = theta[:, :d]
+        self.intercept_ = theta[:, d]
+        self.epoch_ = epoch
+        self.val_loss_ = loss
         self.best_epoch_ = best_epoch
         self.best_val_loss_ = best_loss
         self.n_features_in_ = d
@@ -264,7 +292,8 @@ class RiskAwareProbes:
     def _train_block(self, XT, N, y, pos_val, theta):
         """Train the probes of one block. XT (B, d+1, N_total), theta (B, d+1) initial.
 
-        Returns the kept parameters (B, d+1), their epoch (B,) and hard val loss (B,).
+        Returns the kept parameters (B, d+1), their epoch (B,) and hard val loss (B,),
+        then the best-validation epoch (B,) and its loss (B,).
         """
         B, d1, n_total = XT.shape
         E = self.epochs
@@ -318,9 +347,12 @@ class RiskAwareProbes:
         n0v = pos_val.numel() - n1v
         losses = risk_from_counts(counts[..., 0], n1v - counts[..., 1], n0v, n1v, bl).numpy()
         best = torch.from_numpy(np.argmin(losses, axis=0))  # (B,) index into epochs 1..E
+        kept = best if self.checkpoint == "best" else torch.full_like(best, E - 1)
         rows = torch.arange(B)
         return (
-            theta_hist[1:][best.to(XT.device), rows.to(XT.device)].cpu(),
+            theta_hist[1:][kept.to(XT.device), rows.to(XT.device)].cpu(),
+            kept + 1,
+            torch.from_numpy(losses[kept.numpy(), rows.numpy()]),
             best + 1,
             torch.from_numpy(losses[best.numpy(), rows.numpy()]),
         )
@@ -353,7 +385,9 @@ def save_probes(path, weight, bias, tau, meta=None):
     """Write weight (L, H, d), bias (L, H), tau (L,) and a JSON-able meta dict to path.
 
     Atomic: written to a temporary file beside path, then moved over it; its
-    size and sha256 go to `<path>.sha256.json` for load_probes to check.
+    size and sha256 go to `<path>.sha256.json` for load_probes to check. Stage 1
+    puts its ProbeConfig in meta["config"], so a file says which checkpoint
+    ("last" or "best") it holds.
     """
     from safetensors.torch import save_file
 

@@ -82,7 +82,7 @@ def markdown_table(df: pd.DataFrame, columns: list[str], floatfmt: str = "{:.3f}
     return head + "\n".join(lines) + "\n"
 
 
-def comparison_table(summaries: list[str | os.PathLike]) -> pd.DataFrame:
+def comparison_table(summaries: list[str | os.PathLike], labels: list[str] | None = None) -> pd.DataFrame:
     """One row per method: the fold-mean row of each summary JSON.
 
     Summaries scored by different judges are refused (one-line ValueError
@@ -95,13 +95,14 @@ def comparison_table(summaries: list[str | os.PathLike]) -> pd.DataFrame:
     read = [read_summary(path) for path in summaries]
     check_same_judges([r for _, r in read], summaries)
     rows = []
-    for fold_rows, r in read:
+    for i, (fold_rows, r) in enumerate(read):
         knobs = {"slim": "kappa", "iti": "alpha", "mimic": "strength"}
         knob = knobs.get(r["method"])
         setting = f"{knob} = {r[knob]:g}" if knob in r else "-"
         folds = len(fold_rows)
         rows.append(
             {
+                **({"run": labels[i]} if labels else {}),
                 "method": r["method"],
                 "setting": setting,
                 "folds": folds,
@@ -113,6 +114,9 @@ def comparison_table(summaries: list[str | os.PathLike]) -> pd.DataFrame:
                 "degenerate": r["degeneracy"],
                 "MC1": r.get("mc1", float("nan")),
                 "MC2": r.get("mc2", float("nan")),
+                "CE": r.get("ce", float("nan")),
+                "KL": r.get("kl", float("nan")),
+                "fires %": 100.0 * r["firing_rate"] if isinstance(r.get("firing_rate"), float) else float("nan"),
                 "judge": r.get("judge"),
                 "info_judge": r.get("info_judge"),
                 "judge_id": r.get("judge_id"),
@@ -120,6 +124,77 @@ def comparison_table(summaries: list[str | os.PathLike]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def _verdicts(path) -> pd.DataFrame | None:
+    """question_idx, true, info (0 / 1) of a scored answers CSV; None if it is not there."""
+    if not path or not Path(path).exists():
+        return None
+    df = pd.read_csv(path, keep_default_na=False)
+    return pd.DataFrame(
+        {"question_idx": df["question_idx"], "true": df["truth_score"] > 0.5, "info": df["info_score"] > 0.5}
+    )
+
+
+def paired_differences(summaries: list[str | os.PathLike], labels: list[str] | None = None) -> pd.DataFrame:
+    """Each method's change from the unintervened model (a summary of method "baseline") on the same questions:
+    True %, Info % and True*Info in points with paired 95 % bootstrap intervals and p-values (slim.stats), per
+    fold and pooled over folds. Each summary is paired with the baseline summary in its own folder (one run's
+    out_dir), else with the first baseline given. Empty when there is none or the scored answers are missing."""
+    from .metrics import read_summary
+    from .stats import paired_difference
+
+    read = [read_summary(path) for path in summaries]
+    labels = list(labels) if labels else [None] * len(read)
+    baselines = {Path(p).parent: folds for p, (folds, mean) in zip(summaries, read) if mean["method"] == "baseline"}
+    if not baselines:
+        return pd.DataFrame()
+    first = next(iter(baselines.values()))
+    rows = []
+    for path, label, (folds, mean) in zip(summaries, labels, read):
+        if mean["method"] == "baseline":
+            continue
+        base_by_fold = {r["fold"]: _verdicts(r.get("scored_answers")) for r in baselines.get(Path(path).parent, first)}
+        knob = {"slim": "kappa", "iti": "alpha", "mimic": "strength"}.get(mean["method"])
+        setting = f"{knob} = {mean[knob]:g}" if knob in mean else "-"
+        pairs = []
+        for r in folds:
+            b, m = base_by_fold.get(r["fold"]), _verdicts(r.get("scored_answers"))
+            if b is None or m is None:
+                continue
+            pairs.append((r["fold"], b.merge(m, on="question_idx", suffixes=("_b", "_m"))))
+        if len(pairs) > 1:
+            pairs.append(("pooled", pd.concat([p for _, p in pairs], ignore_index=True)))
+        for fold, joined in pairs:
+            before = {"true": joined["true_b"], "info": joined["info_b"]}
+            d = paired_difference(before, {"true": joined["true_m"], "info": joined["info_m"]})
+            row = {"method": mean["method"], "setting": setting, "fold": fold, "questions": len(joined), **d}
+            rows.append({"run": label, **row} if label else row)
+    return pd.DataFrame(rows)
+
+
+def paired_markdown(diffs: pd.DataFrame) -> str:
+    """The paired differences as a Markdown table: each cell `+d (lo to hi)`, and True*Info's p-value."""
+    if diffs.empty:
+        return ""
+
+    def cell(v):
+        return f"{v[0]:+.1f} ({v[1]:+.1f} to {v[2]:+.1f})"
+
+    table = diffs.assign(
+        **{
+            "True %": diffs["true"].map(cell),
+            "Info %": diffs["info"].map(cell),
+            "True*Info": diffs["true_info"].map(cell),
+            "p (True*Info)": diffs["true_info"].map(lambda v: f"{v[3]:.3f}"),
+        }
+    )
+    cols = ["method", "setting", "fold", "questions", "True*Info", "p (True*Info)", "True %", "Info %"]
+    cols = (["run"] if "run" in diffs else []) + cols
+    return (
+        "Change from the unintervened model on the same questions (points; paired 95 % bootstrap intervals over "
+        "questions, 9,999 resamples; p two-sided):\n\n" + markdown_table(table, cols)
+    )
 
 
 def judges_note(table: pd.DataFrame) -> str:
@@ -153,15 +228,22 @@ def main(argv=None):
     parser.add_argument("--title", default="Comparison")
     parser.add_argument("--command", default=None, help="the command that produced the summaries (recorded)")
     parser.add_argument("--out", default=None, help="write the Markdown here too")
+    parser.add_argument("--labels", nargs="+", default=None, help="a name for each summary's row (column 'run')")
     args = parser.parse_args(argv)
-    table = comparison_table(args.summaries)
+    if args.labels and len(args.labels) != len(args.summaries):
+        raise ValueError(f"--labels names {len(args.labels)} rows for {len(args.summaries)} summaries: give one each.")
+    table = comparison_table(args.summaries, args.labels)
     cols = ["method", "setting", "folds", "questions", "True*Info", "True %", "Info %", "SEM", "degenerate"]
-    if table[["MC1", "MC2"]].notna().any().any():
-        cols += ["MC1", "MC2"]
+    cols = (["run"] if args.labels else []) + cols
+    for extra in (["MC1", "MC2"], ["CE", "KL"], ["fires %"]):
+        if table[extra].notna().any().any():
+            cols += extra
     fmt_table = table.copy()
-    for c in ("True*Info", "True %", "Info %"):
-        fmt_table[c] = fmt_table[c].map(lambda v: f"{v:.1f}")
+    for c in ("True*Info", "True %", "Info %", "fires %"):
+        fmt_table[c] = fmt_table[c].map(lambda v: "-" if pd.isna(v) else f"{v:.1f}")
     text = f"### {args.title}\n\n" + markdown_table(fmt_table, cols)
+    paired = paired_markdown(paired_differences(args.summaries, args.labels))
+    text += f"\n{paired}" if paired else ""
     note = judges_note(table)
     text += f"\n{note}\n" if note else ""
     stamp = datetime.date.today().isoformat()

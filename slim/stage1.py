@@ -60,7 +60,9 @@ def train_fold_probes(
     train_rows, val_rows = np.sort(train_rows), np.sort(val_rows)
     X_train = np.asarray(acts[train_rows])  # (N, L, H, d) float16
     X_val = np.asarray(acts[val_rows])
-    probes = RiskAwareProbes(cfg.loss_type, cfg.bl, cfg.beta, cfg.epochs, cfg.lr, cfg.seed, device=device)
+    probes = RiskAwareProbes(
+        cfg.loss_type, cfg.bl, cfg.beta, cfg.epochs, cfg.lr, cfg.seed, device=device, checkpoint=cfg.checkpoint
+    )
     probes.fit(X_train, labels[train_rows], X_val, labels[val_rows])
     rows = evaluate_layers(probes, X_val, labels[val_rows], bl=cfg.bl)
     L, H, d = X_train.shape[1:]

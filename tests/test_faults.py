@@ -155,7 +155,7 @@ def test_damaged_iti_heads_are_fitted_again(tmp_path, caplog):
     texts["label"] = 1 - texts["truthful"]
     data = ProbeData(texts, rng.standard_normal((40, 2, 3, 4)).astype(np.float16), "f")
     split = {"train": np.arange(7), "val": np.arange(7, 10)}
-    folder, cfg = tmp_path / "iti", ITIConfig(num_heads=2, alpha=5.0)
+    folder, cfg = tmp_path / "iti", ITIConfig(num_heads=2, alpha=5.0, tuning_dataset="same")
     first = iti_for_fold(data, split, cfg, folder)
     damage(folder / "tensors.safetensors", "flip")
     again = iti_for_fold(data, split, cfg, folder)
@@ -165,20 +165,23 @@ def test_damaged_iti_heads_are_fitted_again(tmp_path, caplog):
 
 
 def test_damaged_offline_judge_is_trained_again(tmp_path, caplog, monkeypatch):
-    judge = OfflineJudge("truth", tqa_dir=TQA_DIR, cache_dir=tmp_path, embedder=object(), embedder_name="none")
+    one = dict(cross_fit=1, answer_labels=False)  # one MLP, trained by hand below
+    judge = OfflineJudge("truth", tqa_dir=TQA_DIR, cache_dir=tmp_path, embedder=object(), embedder_name="none", **one)
     rng = np.random.default_rng(3)
     judge.mlp.epochs = 1
     judge.mlp.fit(rng.standard_normal((40, 28)).astype(np.float32), np.arange(40) % 2)
     path = judge.save(tmp_path / "judge.safetensors")
     damage(path, "flip")
     with pytest.raises(DamagedArtefact, match="train the judge again"):
-        OfflineJudge("truth", tqa_dir=TQA_DIR, cache_dir=tmp_path, embedder=object(), embedder_name="none").load(path)
+        OfflineJudge("truth", tqa_dir=TQA_DIR, cache_dir=tmp_path, embedder=object(), embedder_name="none", **one).load(
+            path
+        )
 
-    fresh = OfflineJudge("truth", tqa_dir=TQA_DIR, cache_dir=tmp_path, embedder=object(), embedder_name="none")
+    fresh = OfflineJudge("truth", tqa_dir=TQA_DIR, cache_dir=tmp_path, embedder=object(), embedder_name="none", **one)
     trained = []
     monkeypatch.setattr(fresh, "model_path", lambda: path)
     monkeypatch.setattr(fresh, "training_data", lambda: (["q"], ["a"], np.array([True]), path))
-    monkeypatch.setattr(fresh, "fit", lambda *a: trained.append(a) or setattr(fresh, "mlp", judge.mlp) or fresh)
+    monkeypatch.setattr(fresh, "fit", lambda *a: trained.append(a) or setattr(fresh, "mlps", judge.mlps) or fresh)
     fresh.ensure_ready()
     (line,) = warnings_of(caplog)
     assert line.startswith(f"{path} is damaged (") and "training the offline truth judge again" in line

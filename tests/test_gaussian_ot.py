@@ -10,7 +10,9 @@ import pytest
 from scipy.optimize import brentq, minimize_scalar
 from scipy.stats import norm
 
+from slim.config import SlimConfig
 from slim.gaussian_ot import (
+    MAX_CONDITION,
     HeadMap,
     fit_head_map,
     fit_layer_maps,
@@ -272,6 +274,81 @@ def test_covariance_positive_definite(method):
         assert info["ridge"] == 1e-3 and info["shrinkage"] == 0.0
     _, sig, info = regularize_covariance(np.ones((4, 3)), method=method)  # all rows equal
     assert np.linalg.eigvalsh(sig)[0] > 0 and info["ridge"] > 0
+
+
+# the published code: sklearn.covariance.empirical_covariance, i.e. maximum likelihood (1/n), no shrinkage
+
+
+def test_empirical_covariance_is_maximum_likelihood():
+    sk = pytest.importorskip("sklearn.covariance")
+    X = np.random.default_rng(12).standard_normal((40, 6)) @ np.diag(np.linspace(0.5, 3, 6)) + 1.0
+    mu, sig, info = regularize_covariance(X, method="empirical")
+    np.testing.assert_allclose(sig, np.cov(X, rowvar=False, bias=True), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(sig, sk.empirical_covariance(X), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(mu, X.mean(0), rtol=1e-14)
+    assert info["jitter"] == 0.0 and info["shrinkage"] == 0.0 and info["ridge"] == 0.0
+
+
+def test_empirical_head_map_is_the_published_one():
+    rng = np.random.default_rng(13)
+    acts = rng.standard_normal((200, 5)) @ rng.standard_normal((5, 5)) + 1.0
+    theta = rng.standard_normal(5)
+    theta0 = 1.0 - theta @ acts.mean(0)
+    hm = fit_head_map(acts, theta, theta0, 0.1, cov="empirical")
+    A, b, _ = head_map_from_moments(acts.mean(0), np.cov(acts, rowvar=False, bias=True), theta, theta0, 0.1)
+    assert hm.info["status"] == "moved" and hm.info["jitter"] == 0.0 and hm.info["cov"] == "empirical"
+    # rounding differences of the two covariance sums (1e-16), amplified by the root finding
+    np.testing.assert_allclose(hm.A, A, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(hm.b, b, rtol=1e-7, atol=1e-9)
+
+
+def test_empirical_rank_deficient_is_jittered_and_reported(caplog):
+    rng = np.random.default_rng(14)
+    n, d = 5, 12  # fewer flagged samples than dimensions: the empirical covariance is singular
+    X = rng.standard_normal((n, d))
+    C = np.cov(X, rowvar=False, bias=True)
+    w = np.linalg.eigvalsh(C)
+    _, sig, info = regularize_covariance(X, method="empirical")
+    # the least multiple of I that lifts the smallest eigenvalue to lambda_max / MAX_CONDITION
+    assert info["jitter"] == pytest.approx(w[-1] / MAX_CONDITION - w[0], rel=1e-9) and info["jitter"] > 0
+    np.testing.assert_allclose(sig, C + info["jitter"] * np.eye(d), rtol=0, atol=1e-15)
+    ws = np.linalg.eigvalsh(sig)
+    assert ws[0] > 0 and ws[-1] / ws[0] == pytest.approx(MAX_CONDITION, rel=1e-3)
+
+    theta = rng.standard_normal(d)
+    hm = fit_head_map(X, theta, 5.0 - theta @ X.mean(0), gamma=0.05, cov="empirical")
+    assert hm.info["status"] == "moved" and hm.info["jitter"] == pytest.approx(info["jitter"])
+    assert hm.info["jitter_rel"] == pytest.approx(info["jitter"] / (np.trace(C) / d))
+    assert np.all(np.isfinite(hm.A)) and np.all(np.isfinite(hm.b))
+
+    # a layer: head 0 flags 5 rows (jittered), head 1 flags all 40 (positive definite as it is)
+    acts = rng.standard_normal((40, 2, d))
+    weight = np.stack([np.eye(d)[0], theta])
+    bias = np.array([0.0, 50.0])
+    acts[:, 0, 0] = np.where(np.arange(40) < n, 1.0, -1.0)
+    A, b, infos = fit_layer_maps(acts, weight, bias, 0.1, cov="empirical")
+    assert [i["n_samples"] for i in infos] == [n, 40] and infos[0]["jitter"] > 0 and infos[1]["jitter"] == 0.0
+    assert np.all(np.isfinite(A)) and np.all(np.isfinite(b))
+    (line,) = [r.getMessage() for r in caplog.records if "not positive definite" in r.getMessage()]
+    assert line.startswith("1 of 2 heads' covariances") and "head 0 (5 samples)" in line and "\n" not in line
+    assert f"{infos[0]['jitter']:.3g}" in line
+
+
+def test_empirical_all_rows_equal_and_too_few(caplog):
+    theta = np.ones(4)
+    hm = fit_head_map(np.ones((3, 4)), theta, 1.0, gamma=0.1, cov="empirical")  # zero covariance
+    assert hm.info["jitter"] == pytest.approx(1 / MAX_CONDITION) and np.all(np.isfinite(hm.A))
+    assert hm.info["status"] == "moved" and "jitter_rel" not in hm.info
+    # no minimum count beyond the 2 rows a covariance needs
+    cfg = SlimConfig()
+    assert (cfg.cov, cfg.min_samples) == ("empirical", 2)
+    assert SlimConfig(cov="ledoit_wolf").min_samples == 10 and SlimConfig(min_samples=7).min_samples == 7
+    two = fit_head_map(np.array([[0.0, 1, 2, 3], [1.0, 0, 2, 1]]), theta, 1.0, 0.1, cfg.min_samples, cfg.cov)
+    assert two.info["status"] == "moved" and two.info["jitter"] > 0
+    one = fit_head_map(np.ones((1, 4)), theta, 1.0, 0.1, cfg.min_samples, cfg.cov)
+    assert one.info["status"] == "identity_too_few"
+    np.testing.assert_array_equal(one.A, np.eye(4))
+    assert any("a covariance needs 2" in r.getMessage() for r in caplog.records)
 
 
 def test_fit_head_map_moves_and_reports():

@@ -26,17 +26,20 @@ def random_slim(model, tau, kappa=3.0, psi="identity", seed=0):
     )
 
 
-def used_inputs(model, policy):
-    """The (batch, seq, H, d) input the projection really used, and the pre-edit activations."""
+def used_inputs(model, policy, positions=None, ids=IDS):
+    """The (batch, seq, H, d) input the projection really used, and the pre-edit activations.
+
+    `positions`: the (batch, seq) mask the policy is told to edit (default: its own, the last position)."""
     seen = {}
     proj = attention_output_projections(model)[LAYER]
     with HeadTrace(model, layers=[LAYER], record="all") as before:
-        model(IDS)
-    with policy.attach(model):
+        model(ids)
+    with policy.attach(model) as trace:
+        trace.positions = positions
         handle = proj.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))
-        model(IDS)
+        model(ids)
         handle.remove()
-    return seen["x"].view(*IDS.shape, H, D), before.activations[LAYER]
+    return seen["x"].view(*ids.shape, H, D), before.activations[LAYER]
 
 
 def test_slim_moves_exactly_the_voting_heads_by_the_formula():
@@ -183,3 +186,64 @@ def test_fitting_from_activations():
     slim = fit_slim(acts[:, 1], weight, np.zeros(H), layer=1, tau=1, cfg=SlimConfig(gamma=0.1, kappa=2.0))
     infos = slim.meta["maps"]
     assert infos[2]["status"] == "moved" and np.isfinite(slim.A.numpy()).all()
+
+
+# Row 0 edited from position 2 on (an answer's first token), row 1 from position 0 (CE/KL).
+MASK = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+
+
+def policy_of(kind, model):
+    """Policies that edit layer LAYER only, so its pre-edit activations are the unedited model's."""
+    fp = model_fingerprint(model)
+    if kind == "slim":
+        return random_slim(model, tau=2, kappa=2.5, seed=1)  # fires at half the marked positions
+    if kind == "iti":
+        return ITIPolicy([[LAYER, 0], [LAYER, 2]], torch.randn(2, D), torch.rand(2) + 0.5, alpha=3.0, fingerprint=fp)
+    A = torch.eye(D) + 0.3 * torch.randn(H, D, D, generator=torch.Generator().manual_seed(4))
+    return MimicPolicy(A, torch.randn(H, D), layer=LAYER, strength=0.7, fingerprint=fp)
+
+
+@pytest.mark.parametrize("kind", ["slim", "iti", "mimic"])
+def test_each_marked_position_moves_as_the_last_position_of_its_own_prefix_would(kind):
+    """One forward pass editing a mask of positions = the policy run on each prefix, one at a time."""
+    model = tiny_model("llama")
+    policy = policy_of(kind, model)
+    used, before = used_inputs(model, policy, MASK)
+    for i in range(IDS.shape[0]):
+        for t in range(IDS.shape[1]):
+            if MASK[i, t]:  # the prefix ending at t, edited at its last position by the policy's default
+                alone, _ = used_inputs(model, policy, ids=IDS[i : i + 1, : t + 1])
+                torch.testing.assert_close(used[i, t], alone[0, -1], atol=1e-5, rtol=1e-5)
+            else:
+                assert torch.equal(used[i, t], before[i, t])
+    assert not torch.allclose(used[MASK], before[MASK])
+    if kind == "slim":  # the detector decided per position: it fired at some marked positions, not at others
+        fired = policy.step(before[MASK])[2]
+        assert fired.any() and not fired.all()
+
+
+def test_edit_positions_must_match_the_forward_call():
+    model = tiny_model("llama")
+    policy = random_slim(model, tau=1)
+    for bad in (MASK[:, :5], MASK.float()):
+        with pytest.raises(
+            ValueError, match=r"edit positions must be a bool mask of the forward call's \(batch, seq\)"
+        ):
+            used_inputs(model, policy, bad)
+
+
+def test_slim_counts_the_positions_at_which_its_layer_fires():
+    rng = np.random.default_rng(0)
+    H, d = 4, 6
+    weight, bias = rng.standard_normal((H, d)), rng.standard_normal(H)
+    A, b = np.tile(np.eye(d), (H, 1, 1)), np.zeros((H, d))
+    policy = SlimPolicy(weight, bias, A, b, layer=0, tau=2, kappa=1.0)
+    assert policy.firing_rate() is None  # nothing edited yet
+    batches = [torch.randn(5, H, d), torch.randn(3, H, d)]
+    for a in batches:
+        policy.move(0, a)
+    votes = [(torch.sigmoid(torch.einsum("bhd,hd->bh", a, policy.weight) + policy.bias) > 0.5).sum(-1) for a in batches]
+    fired = sum(int((v >= 2).sum()) for v in votes)
+    assert 0 < fired < 8 and policy.firing_rate() == pytest.approx(fired / 8)
+    policy.reset_counts()
+    assert policy.firing_rate() is None

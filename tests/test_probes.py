@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from slim.config import LOSS_TYPES
+from slim.config import LOSS_TYPES, ParameterError, ProbeConfig
 from slim.detector import choose_layer, choose_tau, evaluate_layers, layer_metrics
 from slim.losses import cross_entropy_loss, hard_risk_loss, l2_loss, probe_loss, row_coef, smooth_risk_loss, theta_grad
 from slim.probes import RiskAwareProbes, fit_one_probe, init_weights, load_probes, save_probes
@@ -64,6 +64,7 @@ def make_problem(N=200, N_val=100, P=6, d=8, seed=0):
     return X, y, X_val, y_val
 
 
+@pytest.mark.parametrize("checkpoint", ["last", "best"])
 @pytest.mark.parametrize(
     "loss_type,bl,beta,dtype",
     [
@@ -73,11 +74,11 @@ def make_problem(N=200, N_val=100, P=6, d=8, seed=0):
         ("risk", 1.0, 0.0, "float32"),  # the production dtype also agrees (about 1e-7 here)
     ],
 )
-def test_batched_equals_reference(loss_type, bl, beta, dtype):
+def test_batched_equals_reference(loss_type, bl, beta, dtype, checkpoint):
     X, y, X_val, y_val = make_problem()
     P, d, epochs = X.shape[1], X.shape[2], 300
     probes = RiskAwareProbes(
-        loss_type=loss_type, bl=bl, beta=beta, epochs=epochs, seed=3, dtype=dtype, block_size=4
+        loss_type=loss_type, bl=bl, beta=beta, epochs=epochs, seed=3, dtype=dtype, block_size=4, checkpoint=checkpoint
     ).fit(X, y, X_val, y_val)
     w0, b0 = init_weights(P, d, seed=3)
     dtype = getattr(torch, dtype)
@@ -94,13 +95,18 @@ def test_batched_equals_reference(loss_type, bl, beta, dtype):
             beta=beta,
             epochs=epochs,
             dtype=dtype,
+            checkpoint=checkpoint,
         )
-        assert int(probes.best_epoch_[p]) == epoch
-        assert float(probes.best_val_loss_[p]) == pytest.approx(loss, abs=1e-12)
+        assert int(probes.epoch_[p]) == epoch
+        assert float(probes.val_loss_[p]) == pytest.approx(loss, abs=1e-12)
         torch.testing.assert_close(probes.coef_[p], w, rtol=0, atol=1e-5)
         assert float(probes.intercept_[p]) == pytest.approx(b, abs=1e-5)
-    # the checkpoint is not simply the last epoch, so selection was exercised
+    # the best epoch is not simply the last one, so selection was exercised
     assert (probes.best_epoch_ < epochs).any()
+    if checkpoint == "last":
+        assert (probes.epoch_ == epochs).all()
+    else:
+        assert torch.equal(probes.epoch_, probes.best_epoch_)
 
 
 def test_block_size_and_jobs_do_not_change_the_result():
@@ -130,9 +136,86 @@ def test_float16_layered_input_and_predict_proba():
     )
     np.testing.assert_allclose(proba.reshape(len(X_val), 6).numpy(), 1 / (1 + np.exp(-z)), atol=1e-5)
     assert probes.predict_proba(Xv4.reshape(len(X_val), 6, d)).shape == (len(X_val), 6)
-    # the recorded best val loss is the hard loss of the kept parameters
+    # the recorded val loss is the hard loss of the kept parameters
     flat = torch.from_numpy(Xv4.reshape(len(X_val), 6, d).astype(np.float32))
-    torch.testing.assert_close(hard_risk_loss(probes.predict_proba(flat), y_val), probes.best_val_loss_)
+    torch.testing.assert_close(hard_risk_loss(probes.predict_proba(flat), y_val), probes.val_loss_)
+
+
+# -----------------------------------------------------------------------------
+# the kept checkpoint: last epoch (published code) or best validation epoch (paper)
+
+
+def make_early_peak_problem(N=120, N_val=80, P=3, d=4, seed=0):
+    """The validation labels are the training ones flipped: the better a probe fits the training rows,
+    the worse it does on validation, so the best validation epoch comes early."""
+    rng = np.random.default_rng(seed)
+    shift = 1.5 * rng.standard_normal((P, d))
+    y, y_val = rng.integers(0, 2, N), rng.integers(0, 2, N_val)
+    X = rng.standard_normal((N, P, d)) + y[:, None, None] * shift
+    X_val = rng.standard_normal((N_val, P, d)) + (1 - y_val)[:, None, None] * shift
+    return X, y, X_val, y_val
+
+
+def train_without_checkpoints(x, y, w0, b0, epochs, lr=2e-3):
+    """The risk loss (bl 1, beta 0) by nn.Linear + Adam for `epochs` steps: no validation at all."""
+    lin = torch.nn.Linear(x.shape[1], 1).double()
+    with torch.no_grad():
+        lin.weight.copy_(w0.reshape(1, -1))
+        lin.bias.fill_(float(b0))
+    opt = torch.optim.Adam(lin.parameters(), lr=lr)
+    x, y = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    for _ in range(epochs):
+        loss = probe_loss("risk", torch.sigmoid(lin(x)), y, 1.0, 0.0, lin.weight).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lin.weight.detach()[0], float(lin.bias.detach()[0])
+
+
+def test_last_and_best_checkpoints_differ_when_validation_peaks_early():
+    X, y, X_val, y_val = make_early_peak_problem()
+    P, d, epochs = X.shape[1], X.shape[2], 200
+    kw = dict(epochs=epochs, seed=1, dtype="float64")
+    last = RiskAwareProbes(checkpoint="last", **kw).fit(X, y, X_val, y_val)
+    best = RiskAwareProbes(checkpoint="best", **kw).fit(X, y, X_val, y_val)
+    assert RiskAwareProbes().checkpoint == "last"  # the published code's, by default
+
+    # one training run, two checkpoints of it
+    assert torch.equal(last.best_epoch_, best.best_epoch_) and (best.best_epoch_ <= epochs // 4).all()
+    assert torch.equal(best.epoch_, best.best_epoch_) and (last.epoch_ == epochs).all()
+    assert (best.val_loss_ < last.val_loss_).all()
+    assert ((best.coef_ - last.coef_).abs().amax(1) > 1e-3).all()
+
+    # "last" is training without any checkpointing
+    w0, b0 = init_weights(P, d, seed=1)
+    for p in range(P):
+        w, b = train_without_checkpoints(X[:, p], y, w0[p].double(), b0[p], epochs)
+        torch.testing.assert_close(last.coef_[p], w, rtol=0, atol=1e-10)
+        assert float(last.intercept_[p]) == pytest.approx(b, abs=1e-10)
+
+
+def test_checkpoint_in_config_tag_and_probe_file(tmp_path):
+    from slim.stage1 import train_fold_probes
+
+    assert ProbeConfig().checkpoint == "last"
+    last, best = ProbeConfig(epochs=3), ProbeConfig(epochs=3, checkpoint="best")
+    # the tag names the probe files, layer tables and maps: one checkpoint never reads the other's
+    assert last.tag().endswith("_ckptlast") and best.tag().endswith("_ckptbest")
+    assert best.with_bl(2.0).checkpoint == "best"
+    with pytest.raises(ParameterError, match="checkpoint must be one of last, best"):
+        ProbeConfig(checkpoint="middle")
+
+    X, y, X_val, y_val = make_early_peak_problem(P=6)
+    acts = np.concatenate([X, X_val]).reshape(-1, 2, 3, X.shape[2]).astype(np.float16)  # (N, L, H, d)
+    labels = np.concatenate([y, y_val])
+    train_rows, val_rows = np.arange(len(X)), np.arange(len(X), len(acts))
+    path = tmp_path / "probes.safetensors"
+    first = train_fold_probes(acts, labels, train_rows, val_rows, best, path, "f")
+    assert load_probes(path)[3]["config"]["checkpoint"] == "best"
+    # the same path with the other checkpoint: trained again, not read back
+    again = train_fold_probes(acts, labels, train_rows, val_rows, last, path, "f")
+    assert load_probes(path)[3]["config"]["checkpoint"] == "last"
+    assert not np.array_equal(first.weight, again.weight)
 
 
 # -----------------------------------------------------------------------------
@@ -262,6 +345,7 @@ def test_bad_parameters_raise():
         dict(dtype="float16"),
         dict(block_size=0),
         dict(n_jobs=0),
+        dict(checkpoint="middle"),
     ]:
         with pytest.raises(ValueError):
             RiskAwareProbes(**kw).fit(X, y, X_val, y_val)

@@ -43,8 +43,9 @@ class HashEmbedder:
 def offline_judge(tmp_path, seed=3):
     judge = OfflineJudge("truth", tqa_dir=TQA_DIR, cache_dir=tmp_path, embedder=object(), embedder_name="none")
     rng = np.random.default_rng(seed)
-    judge.mlp.epochs = 1
-    judge.mlp.fit(rng.standard_normal((40, 28)).astype(np.float32), np.arange(40) % 2)
+    for mlp in judge.mlps:  # every cross-fitted MLP, on random features (no embedder needed)
+        mlp.epochs = 1
+        mlp.fit(rng.standard_normal((40, 28)).astype(np.float32), np.arange(40) % 2)
     return judge
 
 

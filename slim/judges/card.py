@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from ..stats import mean_interval
 from .base import THRESHOLD
 
 __all__ = ["agreement", "calibration_error", "card_row", "paired_shifts", "mean_interval"]
@@ -62,23 +63,6 @@ def card_row(labels, scores, threshold: float = THRESHOLD) -> dict:
     """agreement() of the verdicts `scores > threshold` with the labels, and the scores' calibration error."""
     scores = np.asarray(scores, dtype=float)
     return {**agreement(labels, scores > threshold), "ece": calibration_error(labels, scores)}
-
-
-def mean_interval(values, seed: int = 0, n_resamples: int = 9999) -> tuple[float, float, float]:
-    """The mean of `values` and its 95 % bootstrap interval (scipy, BCa; percentile where BCa is undefined)."""
-    from scipy.stats import bootstrap
-
-    x = np.asarray(values, dtype=float)
-    if len(x) < 2 or np.all(x == x[0]):
-        m = float(x.mean()) if len(x) else math.nan
-        return m, m, m
-    rng = np.random.default_rng(seed)
-    res = bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=n_resamples, random_state=rng)
-    lo, hi = res.confidence_interval
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        res = bootstrap((x,), np.mean, n_resamples=n_resamples, method="percentile", random_state=rng)
-        lo, hi = res.confidence_interval
-    return float(x.mean()), float(lo), float(hi)
 
 
 def paired_shifts(table, label: str, verdicts: dict[str, str], reference=("baseline", "none")) -> list[dict]:
