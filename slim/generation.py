@@ -384,7 +384,8 @@ def source_path(out_csv: Path) -> Path:
 
 def _answered_elsewhere(out_csv: Path, source: dict, done: pd.DataFrame) -> pd.DataFrame:
     """The saved answers if they were made under `source`, else none: the old file is renamed (kept) with one
-    warning. A file from before sources were recorded is taken as made under `source`."""
+    warning. A file from before sources were recorded is taken as made under `source` when it is the
+    unintervened model's (nothing else decides those), and is answered again under an edit."""
     import json
     import time
 
@@ -393,6 +394,9 @@ def _answered_elsewhere(out_csv: Path, source: dict, done: pd.DataFrame) -> pd.D
         saved = json.loads(path.read_text()) if path.exists() else None
     except (OSError, ValueError):
         saved = {"damaged": True}
+    if saved is None and source["edit"] is not None:
+        # written before sources were recorded: an edited file may come from another fit of the policy
+        saved = {**source, "edit": "unrecorded (written before answer sources were recorded)"}
     if saved is not None and saved != source and len(done):
         differs = sorted(k for k in set(saved) | set(source) if saved.get(k) != source.get(k))
         kept = out_csv.with_name(f"{out_csv.stem}.replaced-{time.strftime('%Y%m%d-%H%M%S')}.csv")

@@ -325,6 +325,19 @@ def test_answers_made_by_another_policy_or_length_are_not_reused(tmp_path, token
     answer_questions(model, tokenizer, qs, out, edit=other, max_new_tokens=6, progress=False)
     assert calls and len(list(tmp_path.glob("answers.replaced-*.csv"))) >= 1  # another length: answered again
 
+    # A file from before sources were recorded: an edited one is answered again, the unintervened one is reused.
+    (tmp_path / "answers.source.json").unlink()
+    calls.clear()
+    answer_questions(model, tokenizer, qs, out, edit=other, max_new_tokens=6, progress=False)
+    assert calls
+    plain = answer_questions(model, tokenizer, qs, tmp_path / "plain.csv", max_new_tokens=4, progress=False)
+    (tmp_path / "plain.source.json").unlink()
+    calls.clear()
+    assert answer_questions(model, tokenizer, qs, tmp_path / "plain.csv", max_new_tokens=4, progress=False).equals(
+        plain
+    )
+    assert not calls
+
 
 def test_only_the_asked_questions_are_returned(tmp_path, tokenizer):
     model = tiny_model("llama")
