@@ -11,6 +11,7 @@ One module per concern, in pipeline order:
     stage1        per-fold probes, the per-layer metrics and the edited layer
     gaussian_ot   the exact head-wise chance-constrained SDP and the Gaussian OT map
     interventions SLIM, ITI and MiMiC-style policies (attach, save, load)
+    linear_act    the Linear-AcT baseline: per-dimension affine OT maps, fitted and applied
     fit           fitting the policies from a fold's activations
     prefix        the shared prompt's key/value cache, computed once and reused by every batch
     generation    TruthfulQA prompting and batched greedy decoding that stops at the answer's end
@@ -36,6 +37,7 @@ from .interventions import ITIPolicy, MimicPolicy, Policy, SlimPolicy, model_fin
 from .judges import make_judge
 from .layout import RunLayout
 from .likelihood import mc_scores
+from .linear_act import LinearActPolicy, fit_linear_act, linear_act_for_fold
 from .models import LoadedModel, load_model
 from .prefix import PrefixCache
 from .probes import RiskAwareProbes
@@ -74,12 +76,15 @@ __all__ = [
     "SlimPolicy",
     "ITIPolicy",
     "MimicPolicy",
+    "LinearActPolicy",
     "model_fingerprint",
     "fit_slim",
     "fit_iti",
     "fit_mimic",
     "slim_for_fold",
     "iti_for_fold",
+    "fit_linear_act",
+    "linear_act_for_fold",
     # answering and scoring
     "qa_prompt",
     "shared_prefix",

@@ -141,7 +141,9 @@ class Policy:
         with reading(folder / "policy.json", todo):
             spec = json.loads((folder / "policy.json").read_text())
             kind, params, fingerprint, meta = spec["kind"], spec["params"], spec["fingerprint"], spec["meta"]
-        cls = {c.kind: c for c in (SlimPolicy, ITIPolicy, MimicPolicy)}.get(kind)
+        from .linear_act import LinearActPolicy  # imports this module: here, not at the top
+
+        cls = {c.kind: c for c in (SlimPolicy, ITIPolicy, MimicPolicy, LinearActPolicy)}.get(kind)
         if cls is None:
             raise ValueError(f"{folder}: unknown policy kind {kind!r}.")
         tensors_file = folder / "tensors.safetensors"

@@ -96,7 +96,7 @@ def comparison_table(summaries: list[str | os.PathLike], labels: list[str] | Non
     check_same_judges([r for _, r in read], summaries)
     rows = []
     for i, (fold_rows, r) in enumerate(read):
-        knobs = {"slim": "kappa", "iti": "alpha", "mimic": "strength"}
+        knobs = {"slim": "kappa", "iti": "alpha", "mimic": "strength", "linear_act": "strength"}
         knob = knobs.get(r["method"])
         setting = f"{knob} = {r[knob]:g}" if knob in r else "-"
         folds = len(fold_rows)
@@ -155,7 +155,7 @@ def paired_differences(summaries: list[str | os.PathLike], labels: list[str] | N
         if mean["method"] == "baseline":
             continue
         base_by_fold = {r["fold"]: _verdicts(r.get("scored_answers")) for r in baselines.get(Path(path).parent, first)}
-        knob = {"slim": "kappa", "iti": "alpha", "mimic": "strength"}.get(mean["method"])
+        knob = {"slim": "kappa", "iti": "alpha", "mimic": "strength", "linear_act": "strength"}.get(mean["method"])
         setting = f"{knob} = {mean[knob]:g}" if knob in mean else "-"
         pairs = []
         for r in folds:
@@ -186,7 +186,7 @@ def paired_markdown(diffs: pd.DataFrame) -> str:
             "True %": diffs["true"].map(cell),
             "Info %": diffs["info"].map(cell),
             "True*Info": diffs["true_info"].map(cell),
-            "p (True*Info)": diffs["true_info"].map(lambda v: f"{v[3]:.3f}"),
+            "p (True*Info)": diffs["true_info"].map(lambda v: "<0.001" if v[3] < 0.001 else f"{v[3]:.3f}"),
         }
     )
     cols = ["method", "setting", "fold", "questions", "True*Info", "p (True*Info)", "True %", "Info %"]

@@ -1,0 +1,67 @@
+"""Baseline: Linear-AcT (Rodriguez et al., 2024), per-dimension affine optimal transport of the head activations.
+
+    python linear_act.py llama_7B --device 0 --num_fold 2 --strength 1.0 --use_mode test
+    python linear_act.py smollm2_135M --num_fold 2 --strength 0.5 --layers 10 11 12 --use_mode val --max_questions 40
+
+Per fold: for every head dimension of every edited layer (--layers, default
+all), the affine least-squares fit of the 1-D OT map from the untruthful to the
+truthful probe texts' last-token activations (sorted samples, matched
+quantiles when the counts differ), fitted on the fold's train+val rows; at the
+last position of every forward call, an activation inside the untruthful
+class's observed range moves by lambda * (T(x) - x) (lambda = --strength),
+one outside it stays. The fold's test (or validation) questions are answered
+and scored; a summary per fold and the fold average are written (named
+<model>_linear_act_strength<l>[_layers<a-b-c>]_<split>). slim/linear_act.py
+says where this differs from the authors' setting.
+"""
+
+import argparse
+
+import slim_utils as su
+from slim.activations import load_probe_data
+from slim.config import run_config
+from slim.data import questions_and_folds
+from slim.evaluation import evaluate_methods
+from slim.interventions import model_fingerprint
+from slim.linear_act import PAIRING, check_strength, linear_act_for_fold
+
+
+def main():
+    parser = su.add_flags(argparse.ArgumentParser(description=__doc__.splitlines()[0]), su.COMMON_FLAGS)
+    su.add_flags(parser, su.EVAL_FLAGS)
+    parser.add_argument(
+        "--strength",
+        default="1.0",
+        help="lambda in [0, 1]: 0 = the unintervened model, 1 = the full map; 'best': the value the sweep chose "
+        "(python -m slim.sweep --method linear_act --param strength)",
+    )
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="layers to transport (default: every layer)"
+    )
+    args = parser.parse_args()
+    data_cfg, eval_cfg = su.data_config(args), su.eval_config(args)
+    layout = su.run_layout(args)
+    strength = check_strength(su.knob(args.strength, layout, "linear_act", "strength"))
+    layers = sorted(set(args.layers)) if args.layers else None
+
+    df, folds = questions_and_folds(data_cfg, layout.splits_dir)
+    load = su.model_loader(args)
+    data = load_probe_data(df, data_cfg.dataset_name, layout, load, args.batch_size)
+    lm = load()
+    fingerprint = model_fingerprint(lm.model)
+    policies = {
+        fold: linear_act_for_fold(data, split, layers, strength, fingerprint) for fold, split in enumerate(folds)
+    }
+    params = {"strength": strength}
+    if layers:  # a subset is part of the summary's name; every layer (the default) is not
+        params["layers"] = "-".join(map(str, layers))
+    config = run_config(model=su.model_settings(args), data=data_cfg, eval=eval_cfg)
+    config["linear_act"] = {"strength": strength, "layers": layers or "all", "pairing": PAIRING}
+    runs = [("linear_act", params, policies)]
+    su.report_summaries(
+        args, evaluate_methods(lm, df, folds, runs, eval_cfg, layout, config, data_cfg.tqa_dir, su.print_row)
+    )
+
+
+if __name__ == "__main__":
+    su.run_main(main, flags={"strength": "--strength"})
