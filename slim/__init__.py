@@ -12,6 +12,7 @@ One module per concern, in pipeline order:
     gaussian_ot   the exact head-wise chance-constrained SDP and the Gaussian OT map
     interventions SLIM, ITI and MiMiC-style policies (attach, save, load)
     linear_act    the Linear-AcT baseline: per-dimension affine OT maps, fitted and applied
+    mixed         the paper's Table 2 arms: SLIM's intervention on ITI's heads, ITI's on SLIM's layer
     fit           fitting the policies from a fold's activations
     prefix        the shared prompt's key/value cache, computed once and reused by every batch
     generation    TruthfulQA prompting and batched greedy decoding that stops at the answer's end
@@ -38,6 +39,7 @@ from .judges import make_judge
 from .layout import RunLayout
 from .likelihood import mc_scores
 from .linear_act import LinearActPolicy, fit_linear_act, linear_act_for_fold
+from .mixed import ITIOnSlimLayerPolicy, SlimOnITIHeadsPolicy, iti_on_slim_layer_for_fold, slim_on_iti_heads_for_fold
 from .models import LoadedModel, load_model
 from .prefix import PrefixCache
 from .probes import RiskAwareProbes
@@ -77,6 +79,8 @@ __all__ = [
     "ITIPolicy",
     "MimicPolicy",
     "LinearActPolicy",
+    "SlimOnITIHeadsPolicy",
+    "ITIOnSlimLayerPolicy",
     "model_fingerprint",
     "fit_slim",
     "fit_iti",
@@ -85,6 +89,8 @@ __all__ = [
     "iti_for_fold",
     "fit_linear_act",
     "linear_act_for_fold",
+    "slim_on_iti_heads_for_fold",
+    "iti_on_slim_layer_for_fold",
     # answering and scoring
     "qa_prompt",
     "shared_prefix",

@@ -142,8 +142,10 @@ class Policy:
             spec = json.loads((folder / "policy.json").read_text())
             kind, params, fingerprint, meta = spec["kind"], spec["params"], spec["fingerprint"], spec["meta"]
         from .linear_act import LinearActPolicy  # imports this module: here, not at the top
+        from .mixed import ITIOnSlimLayerPolicy, SlimOnITIHeadsPolicy  # likewise
 
-        cls = {c.kind: c for c in (SlimPolicy, ITIPolicy, MimicPolicy, LinearActPolicy)}.get(kind)
+        kinds = (SlimPolicy, ITIPolicy, MimicPolicy, LinearActPolicy, SlimOnITIHeadsPolicy, ITIOnSlimLayerPolicy)
+        cls = {c.kind: c for c in kinds}.get(kind)
         if cls is None:
             raise ValueError(f"{folder}: unknown policy kind {kind!r}.")
         tensors_file = folder / "tensors.safetensors"

@@ -96,7 +96,14 @@ def comparison_table(summaries: list[str | os.PathLike], labels: list[str] | Non
     check_same_judges([r for _, r in read], summaries)
     rows = []
     for i, (fold_rows, r) in enumerate(read):
-        knobs = {"slim": "kappa", "iti": "alpha", "mimic": "strength", "linear_act": "strength"}
+        knobs = {
+            "slim": "kappa",
+            "iti": "alpha",
+            "mimic": "strength",
+            "linear_act": "strength",
+            "slim_on_iti_heads": "kappa",
+            "iti_on_slim_layer": "alpha",
+        }
         knob = knobs.get(r["method"])
         setting = f"{knob} = {r[knob]:g}" if knob in r else "-"
         folds = len(fold_rows)
@@ -155,7 +162,14 @@ def paired_differences(summaries: list[str | os.PathLike], labels: list[str] | N
         if mean["method"] == "baseline":
             continue
         base_by_fold = {r["fold"]: _verdicts(r.get("scored_answers")) for r in baselines.get(Path(path).parent, first)}
-        knob = {"slim": "kappa", "iti": "alpha", "mimic": "strength", "linear_act": "strength"}.get(mean["method"])
+        knob = {
+            "slim": "kappa",
+            "iti": "alpha",
+            "mimic": "strength",
+            "linear_act": "strength",
+            "slim_on_iti_heads": "kappa",
+            "iti_on_slim_layer": "alpha",
+        }.get(mean["method"])
         setting = f"{knob} = {mean[knob]:g}" if knob in mean else "-"
         pairs = []
         for r in folds:

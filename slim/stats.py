@@ -79,3 +79,25 @@ def paired_difference(base: dict, other: dict, seed: int = 0, n_resamples: int =
         p = min(1.0, 2 * min(np.mean(dist <= 0), np.mean(dist >= 0)))
         out[name] = (diff, *map(float, res.confidence_interval), max(p, 1 / (n_resamples + 1)))
     return out
+
+
+def true_info_interval(true, info, seed: int = 0, n_resamples: int = N_RESAMPLES) -> tuple[float, float, float]:
+    """True*Info in % ((True %)(Info %) / 100) of per-question verdicts and its 95 % bootstrap interval.
+
+    `true` and `info` are 0 / 1 verdicts aligned by question; a resample draws questions, so each keeps its
+    two verdicts together (scipy, paired; BCa, percentile where BCa is undefined, as `mean_interval`).
+    """
+    from scipy.stats import bootstrap
+
+    t, i = np.asarray(true, dtype=float), np.asarray(info, dtype=float)
+    if len(t) != len(i):
+        raise ValueError(f"true_info_interval needs one truth and one info verdict per question: {len(t)}, {len(i)}.")
+    m = float(_true_info(t, i)) if len(t) else math.nan
+    if len(t) < 2 or (np.all(t == t[0]) and np.all(i == i[0])):
+        return m, m, m
+    kw = dict(paired=True, vectorized=True, n_resamples=n_resamples, random_state=np.random.default_rng(seed))
+    lo, hi = bootstrap((t, i), _true_info, confidence_level=0.95, **kw).confidence_interval
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        kw["random_state"] = np.random.default_rng(seed)
+        lo, hi = bootstrap((t, i), _true_info, method="percentile", **kw).confidence_interval
+    return m, float(lo), float(hi)
