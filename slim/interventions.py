@@ -167,7 +167,31 @@ def _psi(scores: torch.Tensor, votes: torch.Tensor, psi: str) -> torch.Tensor:
     return torch.nan_to_num(weights, nan=0.0)  # a row with no vote is all -inf
 
 
-class SlimPolicy(Policy):
+class DetectorPolicy(Policy):
+    """A policy gated by a layer detector: `step(a)` returns (new a, votes (n, H), fired (n,)), and `move` counts
+    the edited positions and those where the layer fired (slim.evaluation reports the share as firing_rate).
+    Subclasses call reset_counts() in their constructor."""
+
+    def step(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def reset_counts(self) -> None:
+        """Start counting the edited positions and those where the layer fired again (see firing_rate)."""
+        self._seen, self._fired = 0, None  # _fired stays a tensor on the model's device: no sync per step
+
+    def firing_rate(self) -> float | None:
+        """The share of edited positions since reset_counts() at which the layer's detector fired (>= tau votes):
+        during generation, of the decoded positions. None when no position was edited."""
+        return float(self._fired) / self._seen if self._seen else None
+
+    def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:
+        new, _, fired = self.step(a)
+        self._seen += fired.numel()
+        self._fired = fired.sum() if self._fired is None else self._fired + fired.sum()
+        return new
+
+
+class SlimPolicy(DetectorPolicy):
     """SLIM at one layer: head probes vote, the layer detector fires at >= tau votes,
     each voting head moves by omega_h * (A_h a_h + b_h - a_h), omega = psi(kappa * p * v)."""
 
@@ -197,15 +221,6 @@ class SlimPolicy(Policy):
         self.layer, self.tau, self.kappa, self.psi = int(layer), int(tau), float(kappa), psi
         self._cache: dict = {}
         self.reset_counts()
-
-    def reset_counts(self) -> None:
-        """Start counting the edited positions and those where the layer fired again (see firing_rate)."""
-        self._seen, self._fired = 0, None  # _fired stays a tensor on the model's device: no sync per step
-
-    def firing_rate(self) -> float | None:
-        """The share of edited positions since reset_counts() at which the layer's detector fired (>= tau votes):
-        during generation, of the decoded positions. None when no position was edited."""
-        return float(self._fired) / self._seen if self._seen else None
 
     @property
     def layers(self) -> list[int]:
@@ -238,12 +253,6 @@ class SlimPolicy(Policy):
         mapped = torch.einsum("hij,bhj->bhi", A, a32) + b  # (batch, H, d)
         new = a32 + omega[..., None] * (mapped - a32)
         return new.to(a.dtype), votes, fired
-
-    def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        new, _, fired = self.step(a)
-        self._seen += fired.numel()
-        self._fired = fired.sum() if self._fired is None else self._fired + fired.sum()
-        return new
 
 
 class ITIPolicy(Policy):

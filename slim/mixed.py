@@ -45,7 +45,7 @@ import torch
 from .activations import ProbeData
 from .config import ITIConfig, SlimConfig, check_alpha, check_kappa
 from .fit import fit_iti, fold_layer_activations, iti_tuning_activations, slim_for_fold
-from .interventions import Policy, SlimPolicy
+from .interventions import DetectorPolicy, Policy, SlimPolicy
 from .stage1 import FoldProbes
 
 __all__ = [
@@ -136,7 +136,7 @@ class SlimOnITIHeadsPolicy(Policy):
         return new.to(a.dtype)
 
 
-class ITIOnSlimLayerPolicy(Policy):
+class ITIOnSlimLayerPolicy(DetectorPolicy):
     """ITI's intervention on SLIM's selection: at one layer, when >= tau head probes vote, each voting head
     moves by alpha * sigma_h * direction_h."""
 
@@ -165,13 +165,6 @@ class ITIOnSlimLayerPolicy(Policy):
         self._cache: dict = {}
         self.reset_counts()
 
-    # counted as SlimPolicy does: slim.evaluation reports the share of decoded positions at which the layer fired
-    def reset_counts(self) -> None:
-        self._seen, self._fired = 0, None  # _fired stays on the model's device: no sync per step
-
-    def firing_rate(self) -> float | None:
-        return float(self._fired) / self._seen if self._seen else None
-
     @property
     def layers(self) -> list[int]:
         return [self.layer]
@@ -198,12 +191,6 @@ class ITIOnSlimLayerPolicy(Policy):
         moved = (votes & fired[:, None])[..., None]  # (n, H, 1)
         new = torch.where(moved, a32 + shift, a32)
         return new.to(a.dtype), votes, fired
-
-    def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        new, _, fired = self.step(a)
-        self._seen += fired.numel()
-        self._fired = fired.sum() if self._fired is None else self._fired + fired.sum()
-        return new
 
 
 # -----------------------------------------------------------------------------

@@ -82,6 +82,23 @@ def markdown_table(df: pd.DataFrame, columns: list[str], floatfmt: str = "{:.3f}
     return head + "\n".join(lines) + "\n"
 
 
+# each method's one knob, shown as its setting in the tables
+KNOBS = {
+    "slim": "kappa",
+    "iti": "alpha",
+    "mimic": "strength",
+    "linear_act": "strength",
+    "slim_on_iti_heads": "kappa",
+    "iti_on_slim_layer": "alpha",
+}
+
+
+def _setting(row: dict) -> str:
+    """`kappa = 40`-style setting of a summary row, "-" for a method without a knob (the unintervened model)."""
+    knob = KNOBS.get(row["method"])
+    return f"{knob} = {row[knob]:g}" if knob in row else "-"
+
+
 def comparison_table(summaries: list[str | os.PathLike], labels: list[str] | None = None) -> pd.DataFrame:
     """One row per method: the fold-mean row of each summary JSON.
 
@@ -96,16 +113,7 @@ def comparison_table(summaries: list[str | os.PathLike], labels: list[str] | Non
     check_same_judges([r for _, r in read], summaries)
     rows = []
     for i, (fold_rows, r) in enumerate(read):
-        knobs = {
-            "slim": "kappa",
-            "iti": "alpha",
-            "mimic": "strength",
-            "linear_act": "strength",
-            "slim_on_iti_heads": "kappa",
-            "iti_on_slim_layer": "alpha",
-        }
-        knob = knobs.get(r["method"])
-        setting = f"{knob} = {r[knob]:g}" if knob in r else "-"
+        setting = _setting(r)
         folds = len(fold_rows)
         rows.append(
             {
@@ -162,15 +170,7 @@ def paired_differences(summaries: list[str | os.PathLike], labels: list[str] | N
         if mean["method"] == "baseline":
             continue
         base_by_fold = {r["fold"]: _verdicts(r.get("scored_answers")) for r in baselines.get(Path(path).parent, first)}
-        knob = {
-            "slim": "kappa",
-            "iti": "alpha",
-            "mimic": "strength",
-            "linear_act": "strength",
-            "slim_on_iti_heads": "kappa",
-            "iti_on_slim_layer": "alpha",
-        }.get(mean["method"])
-        setting = f"{knob} = {mean[knob]:g}" if knob in mean else "-"
+        setting = _setting(mean)
         pairs = []
         for r in folds:
             b, m = base_by_fold.get(r["fold"]), _verdicts(r.get("scored_answers"))
