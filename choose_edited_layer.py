@@ -34,7 +34,7 @@ def main():
     )
     parser.add_argument("--no_figures", action="store_true", help="skip the PNG figures")
     parser.add_argument("--paper_dir", default=None, help="where the figures go (default <out_dir>/figures)")
-    args = parser.parse_args()
+    args = su.accept_shared(parser).parse_args()
     cfg = su.probe_config(args)  # bad settings fail here, before any model or data is loaded
     bl_cfgs = [cfg.with_bl(bl) for bl in args.figure_bls or []]
     data_cfg = su.data_config(args)

@@ -38,7 +38,7 @@ def main():
     parser.add_argument(
         "--layers", type=int, nargs="+", default=None, help="layers to transport (default: every layer)"
     )
-    args = parser.parse_args()
+    args = su.accept_shared(parser).parse_args()
     data_cfg, eval_cfg = su.data_config(args), su.eval_config(args)
     layout = su.run_layout(args)
     strength = check_strength(su.knob(args.strength, layout, "linear_act", "strength"))

@@ -86,7 +86,7 @@ def main():
     parser = su.add_flags(argparse.ArgumentParser(description=__doc__.splitlines()[0]), su.COMMON_FLAGS)
     su.add_flags(parser, su.PROBE_FLAGS, su.EVAL_FLAGS)
     add_arm_flags(parser)
-    args = parser.parse_args()
+    args = su.accept_shared(parser).parse_args()
     data_cfg, probe_cfg, eval_cfg = su.data_config(args), su.probe_config(args), su.eval_config(args)
     layout = su.run_layout(args)
     kind = "com" if args.use_center_of_mass else "random" if args.use_random_dir else "probe"

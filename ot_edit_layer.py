@@ -47,7 +47,7 @@ def main():
         "--cov empirical (no minimum, as published, but a covariance needs 2), 10 otherwise",
     )
     parser.add_argument("--mimic", action="store_true", help="also score the MiMiC-style baseline at that layer")
-    args = parser.parse_args()
+    args = su.accept_shared(parser).parse_args()
     data_cfg, probe_cfg, eval_cfg = su.data_config(args), su.probe_config(args), su.eval_config(args)
     layout = su.run_layout(args)
     cfg = SlimConfig(
@@ -69,7 +69,7 @@ def main():
         policy = slim_for_fold(
             acts_layer, fold_probes[fold], layer, cfg, layout.maps(fold, layer, cfg, probe_cfg), fingerprint
         )
-        folder = policy.save(layout.slim_policy(fold, layer, cfg))
+        folder = policy.save(layout.slim_policy(fold, layer, cfg, probe_cfg))
         moved = sum(m["status"] == "moved" for m in policy.meta["maps"])
         print(
             f"fold {fold}: layer {layer}, tau {policy.tau}, {moved}/{len(policy.meta['maps'])} heads with a "
@@ -82,9 +82,12 @@ def main():
     config = run_config(
         model=su.model_settings(args), data=data_cfg, probe=probe_cfg, slim=cfg, eval=eval_cfg, chosen_layers=layers
     )
-    runs = [("slim", {"kappa": cfg.kappa, "gamma": cfg.gamma, "psi": cfg.psi, "bl": probe_cfg.bl}, policies)]
+    params = {"kappa": cfg.kappa, "gamma": cfg.gamma, "psi": cfg.psi, "bl": probe_cfg.bl}
+    if probe_cfg.loss_type != "risk":  # Table 3's probe losses are named; the paper's loss is not (older names stay)
+        params["loss"] = probe_cfg.loss_type
+    runs = [("slim", params, policies)]
     if args.mimic:
-        runs.append(("mimic", {"bl": probe_cfg.bl}, mimics))
+        runs.append(("mimic", {k: v for k, v in params.items() if k in ("bl", "loss")}, mimics))
     su.report_summaries(
         args, evaluate_methods(lm, df, folds, runs, eval_cfg, layout, config, data_cfg.tqa_dir, su.print_row)
     )

@@ -9,6 +9,8 @@
 # sweep of ITI on the validation questions, then the test runs of the unintervened model,
 # ITI, SLIM and MiMiC with the chosen knobs, and the table in paper/.
 # Extra arguments go to every Python command (e.g. --device, --judge_name, --info_name).
+# PAPER_DIR (default paper) receives the table and, when set or in the full run, Figure 1; ROWS_OUT, when set,
+# receives the table's summary paths, one per line (reproduce.sh adds rows to the table).
 set -euo pipefail
 cd "$(dirname "$0")"
 MODEL=${MODEL:-smollm2_135M}
@@ -24,8 +26,11 @@ else
 fi
 NUM_HEADS=${NUM_HEADS:-24}  # ITI's K: the paper's 48 of 1,024 heads is about 5 %; 24 of SmolLM2's 270 is 9 %
 common=(--num_fold "$NUM_FOLD" --out_dir "$OUT_DIR" "${subset[@]}")
-# Figure 1 goes to paper/ only from the full run on a registry model; other runs keep it under their OUT_DIR.
+# Figure 1 goes to paper/ only from the full run on a registry model (or to a PAPER_DIR asked for); other runs
+# keep it under their OUT_DIR.
 figures=(); [ -n "${FULL:-}" ] && [[ " $* " != *" --model_dir "* ]] && figures=(--paper_dir paper)
+[ -n "${PAPER_DIR:-}" ] && figures=(--paper_dir "$PAPER_DIR")
+PAPER_DIR=${PAPER_DIR:-paper}
 written=$(mktemp); trap 'rm -f "$written"' EXIT  # each run writes its summary path(s) here
 
 python choose_edited_layer.py "$MODEL" --dataset_name tqa_mc2 --bl 1.0 "${figures[@]}" "${common[@]}" "$@"
@@ -51,6 +56,7 @@ for v in FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS NUM_HEADS; do
   [ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "
 done
 cmd=$(printf '%q ' bash run_pipeline.sh "$@")
-python -m slim.reports "${rows[@]}" --out "paper/table1_${MODEL//\//_}_$([ -n "${FULL:-}" ] && echo full || echo quick).md" \
+[ -n "${ROWS_OUT:-}" ] && printf '%s\n' "${rows[@]}" > "$ROWS_OUT"
+python -m slim.reports "${rows[@]}" --out "$PAPER_DIR/table1_${MODEL//\//_}_$([ -n "${FULL:-}" ] && echo full || echo quick).md" \
   --title "$MODEL, $NUM_FOLD folds, test questions ($mode; judges: ${JUDGES:-offline unless named})" \
   --command "${settings}${cmd% }"

@@ -149,6 +149,16 @@ def add_flags(parser: argparse.ArgumentParser, *tables) -> argparse.ArgumentPars
     return parser
 
 
+def accept_shared(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Accept, and ignore, the other scripts' flags this one lacks, so that one command line serves every script
+    (run_pipeline.sh and reproduce.sh pass their extra arguments to all); hidden from --help. Call it last."""
+    for table in (COMMON_FLAGS, PROBE_FLAGS, EVAL_FLAGS):
+        for flag, kwargs in table:
+            if flag.startswith("-") and flag not in parser._option_string_actions:
+                parser.add_argument(flag, **{**kwargs, "dest": f"unused_{flag.lstrip('-')}", "help": argparse.SUPPRESS})
+    return parser
+
+
 def data_config(args) -> DataConfig:
     """Also checks the model key and resolves the device once, before any data or model is touched."""
     if not args.model_dir:

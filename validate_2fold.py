@@ -45,7 +45,7 @@ def main():
         "one more extraction pass, cached), of the fold's train+val questions only, or the probe texts' "
         "train+val rows (same)",
     )
-    args = parser.parse_args()
+    args = su.accept_shared(parser).parse_args()
     data_cfg, eval_cfg = su.data_config(args), su.eval_config(args)
     layout = su.run_layout(args)
     kind = "com" if args.use_center_of_mass else "random" if args.use_random_dir else "probe"

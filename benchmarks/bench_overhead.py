@@ -16,31 +16,25 @@ its effect. Two ways to take that out:
                    sequence ignored), so both runs do the same amount of work
                    whatever the edit makes the model say.
 Time per decoded token (batch rows x decode steps) is printed in every mode.
+The paired timing itself is slim.timing.paired_overhead, which timings.py
+(the paper's Table 4) uses too; this script decodes with model.generate on
+the full prompts, timings.py as the pipeline answers.
 """
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from slim.data import load_truthfulqa  # noqa: E402
-from slim.generation import greedy_tokens, qa_prompt  # noqa: E402
+from slim.generation import qa_prompt  # noqa: E402
 from slim.heads import model_shape  # noqa: E402
 from slim.interventions import Policy, SlimPolicy, model_fingerprint  # noqa: E402
 from slim.models import load_model  # noqa: E402
-
-
-def decode_batch(lm, prompts, max_new_tokens, fixed_length, edit):
-    """Greedy continuations and the number of decode steps the batch ran."""
-    new = greedy_tokens(
-        lm.model, lm.tokenizer, prompts, max_new_tokens, edit, min_new_tokens=max_new_tokens if fixed_length else None
-    )  # (batch, steps)
-    return lm.tokenizer.batch_decode(new, skip_special_tokens=True), new.shape[1]
+from slim.timing import paired_overhead  # noqa: E402
 
 
 def main():
@@ -87,49 +81,24 @@ def main():
         policy.kappa = args.kappa
     questions = load_truthfulqa(args.tqa_dir)["Question"].tolist()[: args.n_questions]
     prompts = [qa_prompt(q) for q in questions]
-    batches = [prompts[i : i + args.batch_size] for i in range(0, len(prompts), args.batch_size)]
 
-    # Time spent inside the edit itself (probes, detector, maps), summed over every forward call.
-    inside = {"s": 0.0, "calls": 0}
-    edit_body = policy.edit
-
-    def timed_edit(layer, acts):
-        t0 = time.perf_counter()
-        out = edit_body(layer, acts)
-        inside["s"] += time.perf_counter() - t0
-        inside["calls"] += 1
-        return out
-
-    policy.edit = timed_edit  # attach() hands this bound attribute to the hook
-
-    def run(batch, edit):
-        t0 = time.perf_counter()
-        texts, steps = decode_batch(lm, batch, args.max_new_tokens, args.fixed_length, edit)
-        return time.perf_counter() - t0, texts, len(batch) * steps
-
-    # Warm-up pass of each; greedy decoding makes every later pass decode the same tokens.
-    plain_first = [run(b, None) for b in batches]
-    edited_first = [run(b, policy) for b in batches]
-    same = sum(a == b for p, e in zip(plain_first, edited_first) for a, b in zip(p[1], e[1]))
-    plain_tokens = [p[2] for p in plain_first]
-    edited_tokens = [e[2] for e in edited_first]
-
-    # Paired design: each batch is decoded plain and edited back to back, the order swapping from
-    # pair to pair, so a slow spell of the machine hits both sides of a pair alike.
-    inside.update(s=0.0, calls=0)
-    plain, edited = [[] for _ in batches], [[] for _ in batches]
-    for r in range(args.repeats):
-        for j, batch in enumerate(batches):
-            for edit in (None, policy) if (r + j) % 2 == 0 else (policy, None):
-                (plain if edit is None else edited)[j].append(run(batch, edit)[0])
-    ratios = [
-        (e / edited_tokens[j]) / (p / plain_tokens[j]) for j in range(len(batches)) for p, e in zip(plain[j], edited[j])
-    ]
-    q1, med, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-    t_plain = sum(map(sum, plain)) / args.repeats  # one pass over all questions
-    t_edit = sum(map(sum, edited)) / args.repeats
-    ms_plain, ms_edit = 1e3 * t_plain / sum(plain_tokens), 1e3 * t_edit / sum(edited_tokens)
-    t_inside = inside["s"] / args.repeats
+    # One warm-up pass each way, then each batch plain and edited back to back, the order swapping from pair
+    # to pair, so a slow spell of the machine hits both sides of a pair alike (slim.timing.paired_overhead).
+    result = paired_overhead(
+        lm,
+        prompts,
+        policy,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        fixed_length=args.fixed_length,
+        time_edit=True,
+    )
+    per_token = result.per_token
+    q1, med, q3 = per_token.quartiles()
+    tot = result.totals()
+    t_plain, t_edit = tot["plain_s"], tot["edited_s"]
+    ms_plain, ms_edit = 1e3 * t_plain / tot["plain_tokens"], 1e3 * t_edit / tot["edited_tokens"]
     print(
         f"model {args.model}, {len(prompts)} questions, batch {args.batch_size}, {args.max_new_tokens} new tokens"
         f"{' (fixed length)' if args.fixed_length else ' (batch stops when every answer has ended)'}, "
@@ -138,21 +107,22 @@ def main():
     )
     print(
         f"unintervened : {t_plain:7.2f} s a pass  ({t_plain / len(prompts):.3f} s a question, "
-        f"{sum(plain_tokens)} decoded tokens, {ms_plain:.2f} ms a token)"
+        f"{tot['plain_tokens']:.0f} decoded tokens, {ms_plain:.2f} ms a token)"
     )
     print(
         f"with SLIM    : {t_edit:7.2f} s a pass  ({t_edit / len(prompts):.3f} s a question, "
-        f"{sum(edited_tokens)} decoded tokens, {ms_edit:.2f} ms a token)"
+        f"{tot['edited_tokens']:.0f} decoded tokens, {ms_edit:.2f} ms a token)"
     )
     print(
-        f"overhead     : {100 * (med - 1):+.1f} % a decoded token, median of {len(ratios)} paired batches "
-        f"(quartiles {100 * (q1 - 1):+.1f} % to {100 * (q3 - 1):+.1f} %); means {100 * (t_edit / t_plain - 1):+.1f} %"
+        f"overhead     : {med:+.1f} % a decoded token, median of {per_token.n} paired batches "
+        f"(quartiles {q1:+.1f} % to {q3:+.1f} %); means {tot['mean_increase_pct']:+.1f} %"
     )
+    calls = max(tot["inside_calls"], 1)
     print(
-        f"inside edit  : {1e3 * t_inside:.1f} ms a pass = {100 * t_inside / t_edit:.2f} % of the edited time "
-        f"({inside['calls'] // args.repeats} forward calls, {1e6 * inside['s'] / max(inside['calls'], 1):.0f} us each)"
+        f"inside edit  : {1e3 * tot['inside_s']:.1f} ms a pass = {100 * tot['inside_s'] / t_edit:.2f} % of the edited "
+        f"time ({tot['inside_calls']:.0f} forward calls, {1e6 * tot['inside_s'] / calls:.0f} us each)"
     )
-    print(f"tokens       : {same}/{len(prompts)} generations identical to the unintervened ones")
+    print(f"tokens       : {result.same}/{len(prompts)} generations identical to the unintervened ones")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ for every method, so the comparison is fair.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,6 +34,7 @@ __all__ = [
     "format_row",
     "MethodResult",
     "evaluate_methods",
+    "policy_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +63,45 @@ def load_scorers(judge_name: str, info_name: str, embedder_name: str, tqa_dir=No
 def scored_path(answers_csv: Path) -> Path:
     """Where the scored copy of an answer file goes: `<answers>_scored.csv` beside it."""
     return answers_csv.with_name(answers_csv.stem + "_scored.csv")
+
+
+def _metrics_key(answers_csv: Path, questions: pd.DataFrame, likelihood_edit: str, tqa_dir) -> dict | None:
+    """What decides a run's likelihood metrics: the answers' source record (model, policy digest, prompt, length;
+    written by answer_questions), the questions asked, where the edit acts, the corpus folder. None without a
+    source record (nothing is cached then)."""
+    from .generation import source_path
+
+    try:
+        source = json.loads(source_path(answers_csv).read_text())
+    except (OSError, ValueError):
+        return None
+    ids = ",".join(map(str, sorted(questions["question_idx"].tolist())))
+    return {
+        "source": source,
+        "questions": hashlib.sha256(ids.encode()).hexdigest(),
+        "likelihood_edit": likelihood_edit,
+        "tqa_dir": None if tqa_dir is None else str(tqa_dir),
+    }
+
+
+def _read_metrics_cache(path: Path, key: dict | None) -> dict:
+    """The cached metrics made under `key`; {} when there are none, they were made otherwise, or the file is
+    damaged (then with one warning: they are computed again)."""
+    if key is None or not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("metrics"), dict):
+            raise ValueError("no metrics")
+    except ValueError as err:
+        warnings.warn(f"{path} is damaged ({err}): its metrics are computed again.", stacklevel=2)
+        return {}
+    return dict(saved["metrics"]) if saved.get("key") == key else {}
+
+
+def _write_metrics_cache(path: Path, key: dict | None, metrics: dict) -> None:
+    if key is not None:
+        write_json(path, {"key": key, "metrics": metrics})
 
 
 def evaluate(
@@ -123,14 +166,31 @@ def evaluate(
         **({"firing_rate": edit.firing_rate()} if callable(counts) else {}),
         "n_questions": len(answers),
     }
+    # MC1/MC2, CE/KL and the firing rate are kept beside the answers, keyed by what made them, so a rerun that
+    # reads every answer back recomputes none of them (and still reports the rate its decoding measured)
+    cache_path = answers_csv.with_name(answers_csv.stem + ".metrics.json")
+    key = _metrics_key(answers_csv, questions, likelihood_edit, tqa_dir)
+    cached = _read_metrics_cache(cache_path, key)
+    if callable(counts):
+        if metrics["firing_rate"] is None and "firing_rate" in cached:
+            metrics["firing_rate"] = cached["firing_rate"]
+        else:
+            cached["firing_rate"] = metrics["firing_rate"]
     if mc:
-        metrics.update(
-            mc_scores(lm.model, lm.tokenizer, questions, edit=edit, prefix_cache=prefix_cache, edit_at=likelihood_edit)
-        )
+        if "mc" not in cached:
+            cached["mc"] = mc_scores(
+                lm.model, lm.tokenizer, questions, edit=edit, prefix_cache=prefix_cache, edit_at=likelihood_edit
+            )
+            _write_metrics_cache(cache_path, key, cached)
+        metrics.update(cached["mc"])
     if ce_kl:  # the unintervened model gets its CE and a KL of 0
-        texts, corpus = load_text_corpus(tqa_dir=tqa_dir)
-        result = ce_and_kl(lm.model, lm.tokenizer, texts, edit=edit, edit_at=likelihood_edit)
-        metrics.update(ce=float(result.ce), kl=float(result.kl), ce_kl_corpus=corpus)
+        if "ce_kl" not in cached:
+            texts, corpus = load_text_corpus(tqa_dir=tqa_dir)
+            result = ce_and_kl(lm.model, lm.tokenizer, texts, edit=edit, edit_at=likelihood_edit)
+            cached["ce_kl"] = {"ce": float(result.ce), "kl": float(result.kl), "ce_kl_corpus": corpus}
+        metrics.update(cached["ce_kl"])
+    if key is not None:
+        _write_metrics_cache(cache_path, key, cached)
     return summary_row(
         method,
         {
@@ -176,6 +236,18 @@ def split_questions(df: pd.DataFrame, split_idx: np.ndarray, max_questions: int 
     return out
 
 
+def policy_folder(edit, layout: RunLayout, name: str, fold: int) -> Path | None:
+    """The folder (absolute) holding a fold's policy: where it was saved or loaded from (`Policy.folder_`), else it
+    is saved now under `<out_dir>/policies/<tag>/<run name>_fold<k>`. None for no edit or an edit that is not a
+    Policy."""
+    if edit is None or not callable(getattr(edit, "save", None)) or not callable(getattr(edit, "digest", None)):
+        return None
+    folder = getattr(edit, "folder_", None)
+    if folder is None:
+        folder = edit.save(layout.out_dir / "policies" / layout.tag / f"{name}_fold{fold}")
+    return Path(folder).resolve()  # the config is read from other folders (transfer.py)
+
+
 @dataclass
 class MethodResult:
     rows: list[dict]  # one per scored fold
@@ -201,7 +273,10 @@ def evaluate_method(
 
     Writes the answers, the summary (per-fold rows and their mean, CSV and
     JSON) and, beside it, `config` (the whole run's settings) as
-    `<summary>.config.json`. `on_row(row)` is called as each row is ready.
+    `<summary>.config.json`, with `policy_dirs` ({fold: folder}) and
+    `policy_digests` ({fold: Policy.digest()}) of the folds whose edit is a
+    saveable policy (`policy_folder`; the unintervened model records none).
+    `on_row(row)` is called as each row is ready.
     """
     if cfg.fold is not None and cfg.fold >= len(folds):
         raise ParameterError("fold", f"must lie in 0..{len(folds) - 1}, got {cfg.fold}.")
@@ -209,11 +284,15 @@ def evaluate_method(
 
     name = method_name(method, params)
     rows = []
+    policy_dirs, policy_digests = {}, {}
     for fold, split in enumerate(folds):
         if cfg.fold is not None and fold != cfg.fold:
             continue
         qs = split_questions(questions, split[cfg.use_mode], cfg.max_questions)
         edit, answered_by = edit_for_fold(fold), name
+        folder = policy_folder(edit, layout, name, fold)
+        if folder is not None:  # where the fold's policy lives, for later use (transfer.py reads it)
+            policy_dirs[str(fold)], policy_digests[str(fold)] = str(folder), edit.digest()
         if getattr(edit, "moves_nothing", False):
             # e.g. SLIM at kappa 0: its answers are the unintervened model's, token for token (tested), so
             # the unintervened answers are read or written instead of answering the same questions again.
@@ -252,7 +331,8 @@ def evaluate_method(
     stem = layout.summary_stem(name, cfg.use_mode, cfg.max_questions, cfg.fold)
     summary_json = Path(f"{stem}.json")
     write_summary(rows + [mean], Path(f"{stem}.csv"), summary_json)
-    write_json(Path(f"{stem}.config.json"), {"method": method, "params": params, **(config or {})})
+    policies = {"policy_dirs": policy_dirs, "policy_digests": policy_digests} if policy_dirs else {}
+    write_json(Path(f"{stem}.config.json"), {"method": method, "params": params, **(config or {}), **policies})
     if on_row:
         on_row(mean)
     return MethodResult(rows, mean, summary_json)

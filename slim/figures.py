@@ -279,6 +279,17 @@ def _legend_entries(axes):
     return list(seen.values()), list(seen.keys())
 
 
+def candidate_summaries(best) -> list[str]:
+    """The summaries a sweep's choice was made from (slim.sweep records them under `candidates`)."""
+    require_files([best])
+    try:
+        return [c["summary"] for c in json.loads(Path(best).read_text())["candidates"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{best} names no candidate summaries ({type(err).__name__}: {err}): run sweep.sh again."
+        ) from None
+
+
 def format_points(points: pd.DataFrame) -> str:
     """The plotted numbers as text: one line per point, `value (lo to hi)` per panel."""
     lines = []
@@ -299,12 +310,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Figures of the paper from summary JSON files.")
     figures = parser.add_subparsers(dest="figure", required=True)
     sweep = figures.add_parser("sweep", help="Figure 2: a validation sweep with 95 % bands over questions")
-    sweep.add_argument("summaries", nargs="+", help="the sweep's summary JSONs (a baseline one gives the reference)")
+    sweep.add_argument(
+        "summaries",
+        nargs="*",
+        help="the sweep's summary JSONs (a baseline one gives the reference); default: the candidates --best names",
+    )
     sweep.add_argument("--best", required=True, help="the sweep's choice, <out_dir>/<model>_best_<method>.json")
     sweep.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    points = plot_sweep(args.summaries, args.best, args.out)
+    summaries = args.summaries or candidate_summaries(args.best)
+    points = plot_sweep(summaries, args.best, args.out)
     print(format_points(points))
     print(f"written to {args.out}")
     return points

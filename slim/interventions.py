@@ -53,6 +53,8 @@ class Policy:
 
     kind = "base"
     tensor_names: tuple[str, ...] = ()
+    # The folder this policy was last saved to or loaded from (None: not on disk). Not part of digest().
+    folder_: Path | None = None
 
     def __init__(self, fingerprint: dict | None = None, meta: dict | None = None):
         self.fingerprint = fingerprint or {}
@@ -111,7 +113,8 @@ class Policy:
         return self.attach(model)
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """tensors.safetensors and policy.json (which records the tensors' size and sha256), as one folder."""
+        """tensors.safetensors and policy.json (which records the tensors' size and sha256), as one folder;
+        `folder_` records it."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -127,11 +130,13 @@ class Policy:
                 "tensors": file_record(tmp / "tensors.safetensors"),
             }
             (tmp / "policy.json").write_text(json.dumps(spec, indent=2))
+        self.folder_ = folder
         return folder
 
     @staticmethod
     def load(folder: str | os.PathLike) -> "Policy":
-        """The policy saved in `folder`; DamagedArtefact (one line, slim.io) if its files are damaged."""
+        """The policy saved in `folder` (recorded as its `folder_`); DamagedArtefact (one line, slim.io) if its
+        files are damaged."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -154,7 +159,9 @@ class Policy:
             raise DamagedArtefact(tensors_file, problem, todo)
         with reading(tensors_file, todo):
             tensors = load_file(tensors_file)
-            return cls(**tensors, **params, fingerprint=fingerprint, meta=meta)
+            policy = cls(**tensors, **params, fingerprint=fingerprint, meta=meta)
+        policy.folder_ = folder
+        return policy
 
 
 def _psi(scores: torch.Tensor, votes: torch.Tensor, psi: str) -> torch.Tensor:

@@ -90,12 +90,14 @@ class RunLayout:
             ".safetensors"
         )
 
-    def slim_policy(self, fold: int, layer: int, slim: SlimConfig) -> Path:
+    def slim_policy(self, fold: int, layer: int, slim: SlimConfig, probe: ProbeConfig | None = None) -> Path:
+        # probes trained by another loss than the paper's (Table 3) keep their own folder
+        loss = f"_{probe.loss_type}" if probe is not None and probe.loss_type != "risk" else ""
         return (
             self.out_dir
             / "policies"
             / self.tag
-            / f"slim_fold{fold}_layer{layer}_gamma{fmt(slim.gamma)}_kappa{fmt(slim.kappa)}_{slim.psi}"
+            / f"slim_fold{fold}_layer{layer}_gamma{fmt(slim.gamma)}_kappa{fmt(slim.kappa)}_{slim.psi}{loss}"
         )
 
     def iti_policy(self, fold: int, direction: str, num_heads: int, tuning_dataset: str) -> Path:

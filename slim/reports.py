@@ -187,6 +187,52 @@ def paired_differences(summaries: list[str | os.PathLike], labels: list[str] | N
     return pd.DataFrame(rows)
 
 
+def interval_table(summaries: list[str | os.PathLike], labels: list[str] | None = None) -> pd.DataFrame:
+    """Each summary's True*Info, True % and Info % pooled over its folds' scored answers, each with its 95 %
+    bootstrap interval over questions (slim.stats): value, lo, hi. Rows whose scored answers are missing are left
+    out."""
+    from .metrics import read_summary
+    from .stats import mean_interval, true_info_interval
+
+    rows = []
+    for i, path in enumerate(summaries):
+        folds, mean = read_summary(path)
+        parts = [_verdicts(r.get("scored_answers")) for r in folds]
+        if not parts or any(p is None for p in parts):
+            continue
+        v = pd.concat(parts, ignore_index=True)
+        true, info = v["true"].astype(float), v["info"].astype(float)
+        row = {
+            "method": mean["method"],
+            "setting": _setting(mean),
+            "questions": len(v),
+            "true_info": true_info_interval(true, info),
+            "true": tuple(100.0 * x for x in mean_interval(true)),
+            "info": tuple(100.0 * x for x in mean_interval(info)),
+        }
+        rows.append({"run": labels[i], **row} if labels else row)
+    return pd.DataFrame(rows)
+
+
+def interval_markdown(intervals: pd.DataFrame) -> str:
+    """The pooled values with their intervals as a Markdown table: each cell `v (lo to hi)`."""
+    if intervals.empty:
+        return ""
+
+    def cell(v):
+        return f"{v[0]:.1f} ({v[1]:.1f} to {v[2]:.1f})"
+
+    table = intervals.assign(
+        **{"True*Info": intervals["true_info"].map(cell), "True %": intervals["true"].map(cell)},
+        **{"Info %": intervals["info"].map(cell)},
+    )
+    cols = (["run"] if "run" in intervals else []) + ["method", "setting", "questions", "True*Info", "True %", "Info %"]
+    return (
+        "Pooled over folds, with 95 % bootstrap intervals over questions (BCa, 9,999 resamples):\n\n"
+        + markdown_table(table, cols)
+    )
+
+
 def paired_markdown(diffs: pd.DataFrame) -> str:
     """The paired differences as a Markdown table: each cell `+d (lo to hi)`, and True*Info's p-value."""
     if diffs.empty:
@@ -255,7 +301,11 @@ def main(argv=None):
     fmt_table = table.copy()
     for c in ("True*Info", "True %", "Info %", "fires %"):
         fmt_table[c] = fmt_table[c].map(lambda v: "-" if pd.isna(v) else f"{v:.1f}")
+    for c in ("MC1", "MC2", "CE", "KL"):  # a run that skipped them (Tables 2 and 3) shows "-"
+        fmt_table[c] = fmt_table[c].map(lambda v: "-" if pd.isna(v) else f"{v:.3f}")
     text = f"### {args.title}\n\n" + markdown_table(fmt_table, cols)
+    intervals = interval_markdown(interval_table(args.summaries, args.labels))
+    text += f"\n{intervals}" if intervals else ""
     paired = paired_markdown(paired_differences(args.summaries, args.labels))
     text += f"\n{paired}" if paired else ""
     note = judges_note(table)

@@ -81,3 +81,47 @@ def test_a_policy_that_moves_nothing_reuses_the_unintervened_answers(tmp_path):
     moved = run("slim", {"kappa": 5.0}, lambda fold: random_policy("slim", model, kappa=5.0))
     name = method_name("slim", {"kappa": 5.0})
     assert calls and moved.rows[0]["answers_of"] == name and layout.answers(name, 0, "test").exists()
+
+
+def test_a_rerun_recomputes_no_likelihood_metric(tmp_path, monkeypatch):
+    import slim.likelihood
+
+    tokenizer = make_tokenizer()
+    model = tiny_model("llama", max_positions=512)
+    lm = LoadedModel(model=model, tokenizer=tokenizer, name="tiny", device=torch.device("cpu"))
+    questions = pd.DataFrame(
+        {
+            "Question": ["What is the capital of France ?", "who was it ?", "where is London ?"],
+            "Best Answer": ["Paris"] * 3,
+            "Correct Answers": ["Paris; It is Paris"] * 3,
+            "Incorrect Answers": ["London; It is London"] * 3,
+        }
+    )
+    folds = [{"test": np.array([0, 1, 2]), "val": np.array([], int)}]
+    scorers = Scorers(LengthJudge(), LengthJudge(), HashEmbedder(), ("stub", "stub"), "hash")
+    layout = RunLayout(tmp_path, "tiny")
+    cfg = EvalConfig(max_new_tokens=4, batch_size=2, mc=True, ce_kl=True)
+    run = functools.partial(evaluate_method, lm, questions, folds, scorers=scorers, cfg=cfg, layout=layout)
+    torch.manual_seed(0)
+    policy = random_policy("slim", model, kappa=5.0)
+
+    first = run("slim", {"kappa": 5.0}, lambda fold: policy)
+    assert {"mc1", "mc2", "ce", "kl"} <= set(first.rows[0]) and first.rows[0]["firing_rate"] is not None
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(slim.likelihood, "mc_scores", forbidden)
+    monkeypatch.setattr(slim.likelihood, "ce_and_kl", forbidden)
+    again = run("slim", {"kappa": 5.0}, lambda fold: policy)  # every answer and metric read back
+    for key in ("mc1", "mc2", "ce", "kl", "firing_rate", "true", "info"):
+        assert again.rows[0][key] == first.rows[0][key]
+
+    # another policy under the same name: its answers and metrics are made again, not reused
+    other = random_policy("slim", model, kappa=5.0, psi="softmax")
+    try:
+        run("slim", {"kappa": 5.0}, lambda fold: other)
+    except AssertionError as err:
+        assert "recomputed" in str(err)
+    else:
+        raise AssertionError("metrics of another policy were reused")

@@ -73,3 +73,23 @@ def test_report_gives_paired_differences_per_fold_and_pooled(tmp_path):
     text = paired_markdown(diffs)
     assert "| iti | alpha = 2 | pooled | 100 |" in text and "paired 95 % bootstrap" in text
     assert paired_differences([paths[1]]).empty  # no unintervened summary: nothing to pair with
+
+
+def test_report_gives_each_method_its_pooled_values_with_intervals(tmp_path):
+    from slim.reports import interval_markdown, interval_table
+
+    rng = np.random.default_rng(4)
+    verdicts = {f: (rng.random(80) < 0.4, rng.random(80) < 0.7) for f in (0, 1)}
+    path = _summary(tmp_path, "iti", {"alpha": 2.0}, verdicts)
+    row = interval_table([path]).iloc[0]
+    t = np.concatenate([verdicts[f][0] for f in (0, 1)]).astype(float)
+    i = np.concatenate([verdicts[f][1] for f in (0, 1)]).astype(float)
+    assert row["questions"] == 160 and row["setting"] == "alpha = 2"
+    assert row["true"][0] == pytest.approx(100 * t.mean()) and row["info"][0] == pytest.approx(100 * i.mean())
+    assert row["true_info"][0] == pytest.approx(100 * t.mean() * i.mean())
+    # the True % interval against a hand percentile bootstrap over the pooled questions
+    idx = np.random.default_rng(5).integers(0, len(t), (20000, len(t)))
+    hand = np.percentile(100 * t[idx].mean(1), [2.5, 97.5])
+    np.testing.assert_allclose(row["true"][1:], hand, atol=1.5)
+    assert row["true_info"][1] < row["true_info"][0] < row["true_info"][2]
+    assert "| iti | alpha = 2 | 160 |" in interval_markdown(interval_table([path]))

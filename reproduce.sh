@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The paper's tables and figures on one model, by one command, into paper/ (offline by default).
+#
+#   bash reproduce.sh                 # quick: the first 300 questions, 60 scored per fold and method
+#   FULL=1 bash reproduce.sh          # all 817 questions, every test question scored
+#   MODEL=llama_7B FULL=1 bash reproduce.sh --device 0 --judge_name <ft-judge> --info_name <ft-info>
+#   NQ_FILE=nq_open_validation.jsonl bash reproduce.sh   # transfer from a local NQ-open file when offline
+#
+# Stages, each cached: a rerun after an interruption redoes nothing finished (answers, probes, maps and
+# policies are read back; tables are written again from the summaries).
+#   1. run_pipeline.sh: stage 1 and Figure 1(a), SLIM's kappa and ITI's alpha sweeps, their test runs and
+#      MiMiC's; then Figure 1(b), stage 1's probes trained again for each bl of FIGURE_BLS
+#   2. Linear-AcT: its lambda swept on the validation questions like kappa, then its test run
+#   3. Table 1 (all five rows), Figure 2 (the sweeps), Table 5 (examples by a seeded rule)
+#   4. Table 2: the mixed arms (mixed_arms.py), each knob swept on the validation questions, then tested
+#   5. Table 3: SLIM with probes trained by binary cross-entropy and by l2 instead of FPR+FNR
+#   6. Table 4: running times (timings.py) on this machine's device
+#   7. Transfer to NQ-open (transfer.py): online through `datasets`, offline from NQ_FILE; otherwise a note
+#   8. The list of artefacts (paper/index.md); with README=README.md also the README's results section
+# Tables 2 and 3 skip MC1/MC2 and CE/KL (the paper reports True*Info and True there).
+#
+# Environment: MODEL, FULL, NUM_FOLD, N_QUESTIONS, MAX_QUESTIONS, SWEEP_Q, KAPPAS, ALPHAS, STRENGTHS, NUM_HEADS,
+# FIGURE_BLS, OUT_DIR, PAPER_DIR (default paper), NQ_FILE, NQ_QUESTIONS, README. Extra arguments go to every Python command.
+set -euo pipefail
+cd "$(dirname "$0")"
+start=$(date +%s)
+MODEL=${MODEL:-smollm2_135M}
+NUM_FOLD=${NUM_FOLD:-2}
+NUM_HEADS=${NUM_HEADS:-24}
+PAPER_DIR=${PAPER_DIR:-paper}
+name=${MODEL//\//_}
+if [ -n "${FULL:-}" ]; then
+  mode=full; OUT_DIR=${OUT_DIR:-validation}; subset=()
+  scored=(); [ -n "${MAX_QUESTIONS:-}" ] && scored=(--max_questions "$MAX_QUESTIONS")
+  ALPHAS=${ALPHAS:-"0 2 5 10 15"}; NQ_QUESTIONS=${NQ_QUESTIONS:-}; FIGURE_BLS=${FIGURE_BLS:-"0.6 0.8 1.0 1.2 1.4 2.0"}
+else
+  mode=quick; OUT_DIR=${OUT_DIR:-validation/quick}; subset=(--n_questions "${N_QUESTIONS:-300}")
+  scored=(--max_questions "${MAX_QUESTIONS:-60}")
+  ALPHAS=${ALPHAS:-"0 5 15"}; NQ_QUESTIONS=${NQ_QUESTIONS:-100}; FIGURE_BLS=${FIGURE_BLS:-"0.6 1.0 2.0"}
+fi
+KAPPAS=${KAPPAS:-"0 10 20 40 80"}
+STRENGTHS=${STRENGTHS:-"0 0.25 0.5 0.75 1"}
+export MODEL NUM_FOLD NUM_HEADS OUT_DIR PAPER_DIR KAPPAS ALPHAS
+sweep_env=(); [ -n "${SWEEP_Q:-}" ] && sweep_env=(MAX_QUESTIONS="$SWEEP_Q")
+common=(--num_fold "$NUM_FOLD" --out_dir "$OUT_DIR" "${subset[@]}")
+light=(--no_mc --no_ce_kl)
+mkdir -p "$PAPER_DIR"
+written=$(mktemp); rows_file=$(mktemp); trap 'rm -f "$written" "$rows_file"' EXIT
+
+settings=""
+for v in FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS STRENGTHS NUM_HEADS FIGURE_BLS NQ_QUESTIONS; do
+  [ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "
+done
+cmd=$(printf '%q ' bash reproduce.sh "$@"); cmd="${settings}${cmd% }"
+judges="judges: ${JUDGES:-offline unless named}"
+stage() { echo; echo "=== reproduce.sh ($mode): $* ==="; }
+last() { head -n 1 "$written"; }
+report() {  # report <out.md> <title> <summary>... [-- <label>...]
+  local out=$1 title=$2; shift 2
+  python -m slim.reports "$@" --out "$out" --title "$title" --command "$cmd" > /dev/null
+  echo "written $out"
+}
+
+stage "1/8 the pipeline: stage 1, Figure 1, the sweeps, Table 1's first four rows"
+ROWS_OUT="$rows_file" bash run_pipeline.sh "$@"
+mapfile -t rows < "$rows_file"  # unintervened, ITI, SLIM, MiMiC test summaries
+base_row=${rows[0]}; iti_row=${rows[1]}; slim_row=${rows[2]}
+# the run's tag (model folder and question subset): Figure 1's files and the sweeps' choices are named by it
+run_tag=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))[-1]["run"])' "$base_row")
+read -r -a bls <<< "$FIGURE_BLS"
+python choose_edited_layer.py "$MODEL" --dataset_name tqa_mc2 --bl 1.0 --figure_bls "${bls[@]}" \
+  --paper_dir "$PAPER_DIR" "${common[@]}" "$@"
+
+stage "2/8 Linear-AcT: lambda on the validation questions, then the test questions"
+env "${sweep_env[@]}" METHOD=linear_act STRENGTHS="$STRENGTHS" bash sweep.sh "${subset[@]}" "$@"
+python linear_act.py "$MODEL" --strength best "${common[@]}" "${scored[@]}" --summary_out "$written" "$@"
+linear_act_row=$(last)
+
+stage "3/8 Table 1, Figure 2, Table 5"
+report "$PAPER_DIR/table1_${name}_${mode}.md" "Table 1: $MODEL, $NUM_FOLD folds, test questions ($mode; $judges)" \
+  "${rows[@]}" "$linear_act_row"
+for method in slim iti linear_act; do
+  python -m slim.figures sweep --best "$OUT_DIR/${run_tag}_best_$method.json" \
+    --out "$PAPER_DIR/figure2_${name}_${mode}_$method.png" > /dev/null
+  echo "written $PAPER_DIR/figure2_${name}_${mode}_$method.png"
+done
+python -m slim.examples "$base_row" "$iti_row" "$slim_row" --out "$PAPER_DIR/table5_${name}_${mode}.md" > /dev/null
+echo "written $PAPER_DIR/table5_${name}_${mode}.md"
+
+stage "4/8 Table 2: the mixed arms"
+env "${sweep_env[@]}" METHOD=slim_on_iti_heads bash sweep.sh "${subset[@]}" "${light[@]}" "$@"
+env "${sweep_env[@]}" METHOD=iti_on_slim_layer bash sweep.sh "${subset[@]}" "${light[@]}" "$@"
+python mixed_arms.py "$MODEL" --arm slim_on_iti_heads --kappa best --num_heads "$NUM_HEADS" --use_center_of_mass \
+  "${common[@]}" "${scored[@]}" "${light[@]}" --summary_out "$written" "$@"
+slim_on_iti_row=$(last)
+python mixed_arms.py "$MODEL" --arm iti_on_slim_layer --alpha best --use_center_of_mass \
+  "${common[@]}" "${scored[@]}" "${light[@]}" --summary_out "$written" "$@"
+iti_on_slim_row=$(last)
+report "$PAPER_DIR/table2_${name}_${mode}.md" "Table 2: head selection vs intervention, $MODEL ($mode; $judges)" \
+  "$base_row" "$iti_row" "$slim_row" "$slim_on_iti_row" "$iti_on_slim_row" --labels unintervened ITI SLIM \
+  "ITI's heads + SLIM's maps" "SLIM's layer + ITI's shifts"
+
+stage "5/8 Table 3: the probes' loss"
+loss_rows=()
+for loss in cross_entropy l2; do
+  python ot_edit_layer.py "$MODEL" --bl 1.0 --alpha 0.1 --kappa best --loss_type "$loss" --use_mode test \
+    "${common[@]}" "${scored[@]}" "${light[@]}" --summary_out "$written" "$@"
+  loss_rows+=("$(last)")
+done
+report "$PAPER_DIR/table3_${name}_${mode}.md" "Table 3: SLIM's probe loss, $MODEL ($mode; $judges)" \
+  "$base_row" "$slim_row" "${loss_rows[@]}" --labels unintervened "FPR+FNR (paper)" "binary cross-entropy" "l2"
+
+stage "6/8 Table 4: running time"
+python timings.py "$MODEL" --kappa best "${common[@]}" --out "$PAPER_DIR/table4_${name}_${mode}.md" "$@"
+
+stage "7/8 transfer to NQ-open"
+nq=(); [ -n "${NQ_FILE:-}" ] && nq=(--nq_file "$NQ_FILE")
+[ -n "$NQ_QUESTIONS" ] && nq+=(--max_questions "$NQ_QUESTIONS")
+python transfer.py "$iti_row" "$slim_row" "$linear_act_row" "${nq[@]}" \
+  --out "$PAPER_DIR/transfer_${name}_${mode}.md" "$@"
+
+stage "8/8 the artefacts"
+readme=(); [ -n "${README:-}" ] && readme=(--readme "$README")
+python -m slim.paper --paper_dir "$PAPER_DIR" --model "$name" --mode "$mode" --run_tag "$run_tag" --command "$cmd" \
+  --seconds "$(( $(date +%s) - start ))" "${readme[@]}"

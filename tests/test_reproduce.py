@@ -1,0 +1,105 @@
+"""reproduce.sh end to end in quick mode on a tiny random Llama: every artefact of the paper is written, with
+intervals, and listed in the index; the README's generated section is replaced between its markers."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO, TQA_DIR, make_tokenizer, tiny_model
+from slim.paper import BEGIN, END, update_readme
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    model_dir = root / "tiny_llama"
+    tiny_model("llama", vocab_size=len(make_tokenizer())).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    nq = root / "nq_open.jsonl"  # NQ-open's format: a question and its list of gold answers
+    nq.write_text(
+        "\n".join(
+            json.dumps({"question": q, "answer": a})
+            for q, a in [
+                ("who wrote the origin of species", ["Charles Darwin"]),
+                ("what is the capital of france", ["Paris"]),
+                ("how many legs does a spider have", ["eight", "8"]),
+            ]
+        )
+        + "\n"
+    )
+    readme = root / "README.md"
+    readme.write_text(f"# A project\n\n## Results\n\n{BEGIN}\nold text\n{END}\n\n## After\n")
+    env = {
+        **os.environ,
+        "SLIM_TQA_DIR": str(TQA_DIR),
+        "MODEL": "llama_7B",
+        "N_QUESTIONS": "40",
+        "MAX_QUESTIONS": "2",
+        "SWEEP_Q": "2",
+        "KAPPAS": "5",
+        "ALPHAS": "5",
+        "STRENGTHS": "0.5",
+        "NUM_HEADS": "4",
+        "FIGURE_BLS": "1.0 2.0",
+        "NQ_FILE": str(nq),
+        "NQ_QUESTIONS": "3",
+        "OUT_DIR": str(root / "validation"),
+        "PAPER_DIR": str(root / "paper"),
+        "README": str(readme),
+    }
+    flags = ["--model_dir", str(model_dir), "--device", "cpu", "--epochs", "5", "--max_new_tokens", "4"]
+    flags += ["--judge_name", f"local:{model_dir}", "--info_name", f"local:{model_dir}"]
+    proc = subprocess.run(
+        ["bash", "reproduce.sh", *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, proc.stdout, readme
+
+
+def test_every_artefact_is_written_and_indexed(reproduced):
+    root, stdout, _ = reproduced
+    index = json.loads((root / "paper" / "index_llama_7B_quick.json").read_text())
+    missing = [a["name"] for a in index["artefacts"] if not a["exists"]]
+    assert not missing, missing
+    assert len(index["artefacts"]) == 11 and index["seconds"] > 0 and "reproduce.sh" in index["command"]
+    for a in index["artefacts"]:
+        assert os.path.getsize(a["path"]) > 0
+    assert "index:" in stdout and "missing" not in stdout.split("=== reproduce.sh (quick): 8/8")[-1]
+
+
+def test_tables_carry_intervals_and_every_row(reproduced):
+    root, _, _ = reproduced
+    paper = root / "paper"
+    table1 = (paper / "table1_llama_7B_quick.md").read_text()
+    for method in ("| baseline |", "| iti |", "| slim |", "| mimic |", "| linear_act |"):
+        assert method in table1
+    # pooled values with their intervals, and paired changes with p-values, in the tables that compare
+    for name in ("table1", "table2", "table3"):
+        text = (paper / f"{name}_llama_7B_quick.md").read_text()
+        assert "95 % bootstrap intervals over questions" in text and " to " in text, name
+        assert "Change from the unintervened model" in text and "p (True*Info)" in text, name
+        assert "Produced " in text and "reproduce.sh" in text, name
+    table2 = (paper / "table2_llama_7B_quick.md").read_text()
+    assert "| slim_on_iti_heads |" in table2 and "| iti_on_slim_layer |" in table2
+    table3 = (paper / "table3_llama_7B_quick.md").read_text()
+    assert "binary cross-entropy" in table3 and "| l2 |" in table3
+
+
+def test_readme_section_is_generated_between_its_markers(reproduced):
+    root, _, readme = reproduced
+    text = readme.read_text()
+    assert "old text" not in text and text.startswith("# A project") and text.rstrip().endswith("## After")
+    section = text.split(BEGIN)[1].split(END)[0]
+    assert "Table 1" in section and "| linear_act |" in section and "not the paper's 7B" in section
+    assert "reproduce.sh" in section and "wall time" in section
+    assert "![Figure 2 (SLIM)](paper/figure2_llama_7B_quick_slim.png)" in section
+
+
+def test_readme_without_markers_is_refused(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="lacks the markers"):
+        update_readme(readme, "x")
+    assert readme.read_text() == "# no markers\n"
