@@ -21,7 +21,13 @@ One module per concern, in pipeline order:
     metrics       True*Info, SEM, degeneracy, summaries
     evaluation    answering and scoring a method on every fold, the summary files
     sweep         choosing a knob from validation summaries
-    reports       figures and the comparison table (one judge per table)
+    reports       figures and the comparison table (one judge per table), with bootstrap intervals
+    stats         bootstrap intervals and paired differences (scipy)
+    figures       Figure 2: the validation sweeps with their bands
+    examples      Table 5: qualitative examples chosen by a stated rule
+    timing        Table 4: the running time of the probes, the maps and the inference overhead
+    transfer      the fitted policies on NQ-open (the paper's transfer experiment)
+    paper         the index of reproduce.sh's artefacts and the README's generated results
     audit         labelling a sample of answers by hand, and the judges' agreement with any labels
 """
 

@@ -130,7 +130,7 @@ _GREEDY_SAFE = {
 }  # fmt: skip
 
 
-def _logit_settings(model) -> list[str]:
+def logit_settings(model) -> list[str]:
     """Settings of the model's generation config that change greedy tokens (e.g. repetition_penalty)."""
     config = getattr(model, "generation_config", None)
     diff = config.to_diff_dict() if config is not None and hasattr(config, "to_diff_dict") else {}
@@ -289,7 +289,7 @@ def generate_greedy(
     given or `stop_at_answer` is set (then `greedy_answer_tokens`, stopping
     where the answer is closed under `answer_rule`).
     """
-    if (prefix is not None or stop_at_answer) and _logit_settings(model):
+    if (prefix is not None or stop_at_answer) and logit_settings(model):
         prefix, stop_at_answer = None, False  # answer_questions says so once; here it is quiet
     if prefix is None and not stop_at_answer:
         new_tokens = greedy_tokens(model, tokenizer, prompts, max_new_tokens, edit, device)
@@ -449,7 +449,7 @@ def answer_questions(
     # Longest prompts first: batches of similar length pad less.
     todo = todo.assign(_len=todo["Question"].str.len()).sort_values("_len", ascending=False, kind="stable")
     rows = done.to_dict("records")
-    only_generate = _logit_settings(model)
+    only_generate = logit_settings(model)
     if (prefix_cache or stop_at_answer) and only_generate:
         log.warning(
             "the generation config sets %s, which only model.generate applies: prompts run in full, "

@@ -346,14 +346,14 @@ def timed_questions(questions: pd.DataFrame, split_idx: np.ndarray, n: int | Non
 def answer_setup(lm, questions: pd.DataFrame, prefix_cache: bool = True, stop_at_answer: bool = True):
     """(prefix cache or None, stop_at_answer) as answer_questions would answer `questions`: the shared prompt's
     cache built once (untimed), both speed-ups off where the model's generation config needs model.generate."""
-    from .generation import _logit_settings, qa_prompt, shared_prefix
+    from .generation import logit_settings, qa_prompt, shared_prefix
     from .prefix import PrefixCache
 
-    if (prefix_cache or stop_at_answer) and _logit_settings(lm.model):
+    if (prefix_cache or stop_at_answer) and logit_settings(lm.model):
         log.warning(
             "the generation config sets %s, which only model.generate applies: prompts run in full, "
             "without stopping at the answer.",
-            ", ".join(_logit_settings(lm.model)),
+            ", ".join(logit_settings(lm.model)),
         )
         return None, False
     prefix = None
