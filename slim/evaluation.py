@@ -172,8 +172,8 @@ def evaluate(
     key = _metrics_key(answers_csv, questions, likelihood_edit, tqa_dir)
     cached = _read_metrics_cache(cache_path, key)
     if callable(counts):
-        if metrics["firing_rate"] is None and "firing_rate" in cached:
-            metrics["firing_rate"] = cached["firing_rate"]
+        if metrics["firing_rate"] is None:  # nothing decoded in this run: the rate measured when it was
+            metrics["firing_rate"] = cached.get("firing_rate")
         else:
             cached["firing_rate"] = metrics["firing_rate"]
     if mc:
