@@ -55,7 +55,7 @@ cmd=$(printf '%q ' bash reproduce.sh "$@"); cmd="${settings}${cmd% }"
 judges="judges: ${JUDGES:-offline unless named}"
 stage() { echo; echo "=== reproduce.sh ($mode): $* ==="; }
 last() { head -n 1 "$written"; }
-report() {  # report <out.md> <title> <summary>... [-- <label>...]
+report() {  # report <out.md> <title> <summary>... [--labels <label>...]
   local out=$1 title=$2; shift 2
   python -m slim.reports "$@" --out "$out" --title "$title" --command "$cmd" > /dev/null
   echo "written $out"

@@ -114,7 +114,8 @@ def results_section(paper_dir: str | Path, model: str, mode: str, readme: Path) 
         if idx.exists():
             r = json.loads(idx.read_text())
             parts.append(
-                f"- `{r['command']}` ({m}): {_duration(r['seconds'])} wall time on {r['date']} ({r['machine']})."
+                f"- `{r['command']}` ({m}): {_duration(r['seconds'])} wall time of this invocation on {r['date']} "
+                f"({r['machine']}; a resumed run reads back what earlier ones finished)."
             )
     parts.append("")
     rel = Path(os.path.relpath(paper_dir.resolve(), readme.resolve().parent))  # figures linked from the README
