@@ -8,8 +8,8 @@
 #
 # Stages, each cached: a rerun after an interruption redoes nothing finished (answers, probes, maps and
 # policies are read back; tables are written again from the summaries).
-#   1. run_pipeline.sh: stage 1 and Figure 1(a), SLIM's kappa and ITI's alpha sweeps, their test runs and
-#      MiMiC's; then Figure 1(b), stage 1's probes trained again for each bl of FIGURE_BLS
+#   1. run_pipeline.sh: stage 1 and Figure 1 ((b): stage 1's probes trained again for each bl of FIGURE_BLS),
+#      SLIM's kappa and ITI's alpha sweeps, their test runs and MiMiC's
 #   2. Linear-AcT: its lambda swept on the validation questions like kappa, then its test run
 #   3. Table 1 (all five rows), Figure 2 (the sweeps), Table 5 (examples by a seeded rule)
 #   4. Table 2: the mixed arms (mixed_arms.py), each knob swept on the validation questions, then tested
@@ -40,7 +40,7 @@ else
 fi
 KAPPAS=${KAPPAS:-"0 10 20 40 80"}
 STRENGTHS=${STRENGTHS:-"0 0.25 0.5 0.75 1"}
-export MODEL NUM_FOLD NUM_HEADS OUT_DIR PAPER_DIR KAPPAS ALPHAS
+export MODEL NUM_FOLD NUM_HEADS OUT_DIR PAPER_DIR KAPPAS ALPHAS FIGURE_BLS
 sweep_env=(); [ -n "${SWEEP_Q:-}" ] && sweep_env=(MAX_QUESTIONS="$SWEEP_Q")
 common=(--num_fold "$NUM_FOLD" --out_dir "$OUT_DIR" "${subset[@]}")
 light=(--no_mc --no_ce_kl)
@@ -67,9 +67,6 @@ mapfile -t rows < "$rows_file"  # unintervened, ITI, SLIM, MiMiC test summaries
 base_row=${rows[0]}; iti_row=${rows[1]}; slim_row=${rows[2]}
 # the run's tag (model folder and question subset): Figure 1's files and the sweeps' choices are named by it
 run_tag=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))[-1]["run"])' "$base_row")
-read -r -a bls <<< "$FIGURE_BLS"
-python choose_edited_layer.py "$MODEL" --dataset_name tqa_mc2 --bl 1.0 --figure_bls "${bls[@]}" \
-  --paper_dir "$PAPER_DIR" "${common[@]}" "$@"
 
 stage "2/8 Linear-AcT: lambda on the validation questions, then the test questions"
 env "${sweep_env[@]}" METHOD=linear_act STRENGTHS="$STRENGTHS" bash sweep.sh "${subset[@]}" "$@"

@@ -10,7 +10,8 @@
 # ITI, SLIM and MiMiC with the chosen knobs, and the table in paper/.
 # Extra arguments go to every Python command (e.g. --device, --judge_name, --info_name).
 # PAPER_DIR (default paper) receives the table and, when set or in the full run, Figure 1; ROWS_OUT, when set,
-# receives the table's summary paths, one per line (reproduce.sh adds rows to the table).
+# receives the table's summary paths, one per line (reproduce.sh adds rows to the table). FIGURE_BLS (e.g.
+# "0.6 1.0 2.0"), when set, adds Figure 1(b): stage 1's probes trained again for each bl.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODEL=${MODEL:-smollm2_135M}
@@ -33,7 +34,8 @@ figures=(); [ -n "${FULL:-}" ] && [[ " $* " != *" --model_dir "* ]] && figures=(
 PAPER_DIR=${PAPER_DIR:-paper}
 written=$(mktemp); trap 'rm -f "$written"' EXIT  # each run writes its summary path(s) here
 
-python choose_edited_layer.py "$MODEL" --dataset_name tqa_mc2 --bl 1.0 "${figures[@]}" "${common[@]}" "$@"
+bls=(); [ -n "${FIGURE_BLS:-}" ] && read -r -a bls <<< "$FIGURE_BLS" && bls=(--figure_bls "${bls[@]}")
+python choose_edited_layer.py "$MODEL" --dataset_name tqa_mc2 --bl 1.0 "${bls[@]}" "${figures[@]}" "${common[@]}" "$@"
 
 sweep_q=(); [ -n "$SWEEP_Q" ] && sweep_q=(MAX_QUESTIONS="$SWEEP_Q")
 env "${sweep_q[@]}" MODEL="$MODEL" KAPPAS="$KAPPAS" NUM_FOLD="$NUM_FOLD" OUT_DIR="$OUT_DIR" \
@@ -52,7 +54,7 @@ python ot_edit_layer.py "$MODEL" --bl 1.0 --alpha 0.1 --kappa best --mimic --use
 mapfile -t slim_and_mimic < "$written"; rows+=("${slim_and_mimic[@]}")
 
 settings=""
-for v in FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS NUM_HEADS; do
+for v in FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS NUM_HEADS FIGURE_BLS; do
   [ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "
 done
 cmd=$(printf '%q ' bash run_pipeline.sh "$@")

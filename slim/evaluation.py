@@ -171,6 +171,7 @@ def evaluate(
     cache_path = answers_csv.with_name(answers_csv.stem + ".metrics.json")
     key = _metrics_key(answers_csv, questions, likelihood_edit, tqa_dir)
     cached = _read_metrics_cache(cache_path, key)
+    before = dict(cached)
     if callable(counts):
         if metrics["firing_rate"] is None:  # nothing decoded in this run: the rate measured when it was
             metrics["firing_rate"] = cached.get("firing_rate")
@@ -181,7 +182,8 @@ def evaluate(
             cached["mc"] = mc_scores(
                 lm.model, lm.tokenizer, questions, edit=edit, prefix_cache=prefix_cache, edit_at=likelihood_edit
             )
-            _write_metrics_cache(cache_path, key, cached)
+            _write_metrics_cache(cache_path, key, cached)  # minutes of work: kept before CE/KL starts
+            before = dict(cached)
         metrics.update(cached["mc"])
     if ce_kl:  # the unintervened model gets its CE and a KL of 0
         if "ce_kl" not in cached:
@@ -189,7 +191,7 @@ def evaluate(
             result = ce_and_kl(lm.model, lm.tokenizer, texts, edit=edit, edit_at=likelihood_edit)
             cached["ce_kl"] = {"ce": float(result.ce), "kl": float(result.kl), "ce_kl_corpus": corpus}
         metrics.update(cached["ce_kl"])
-    if key is not None:
+    if cached != before:  # a rerun that read everything back writes nothing
         _write_metrics_cache(cache_path, key, cached)
     return summary_row(
         method,

@@ -214,14 +214,17 @@ def interval_table(summaries: list[str | os.PathLike], labels: list[str] | None 
     return pd.DataFrame(rows)
 
 
+def interval_cell(v, signed: bool = False) -> str:
+    """`v (lo to hi)` of a (value, lo, hi, ...) tuple, one decimal; `signed`: `+d (+lo to +hi)` for changes."""
+    f = "{:+.1f}" if signed else "{:.1f}"
+    return f"{f.format(v[0])} ({f.format(v[1])} to {f.format(v[2])})"
+
+
 def interval_markdown(intervals: pd.DataFrame) -> str:
     """The pooled values with their intervals as a Markdown table: each cell `v (lo to hi)`."""
     if intervals.empty:
         return ""
-
-    def cell(v):
-        return f"{v[0]:.1f} ({v[1]:.1f} to {v[2]:.1f})"
-
+    cell = interval_cell
     table = intervals.assign(
         **{"True*Info": intervals["true_info"].map(cell), "True %": intervals["true"].map(cell)},
         **{"Info %": intervals["info"].map(cell)},
@@ -239,7 +242,7 @@ def paired_markdown(diffs: pd.DataFrame) -> str:
         return ""
 
     def cell(v):
-        return f"{v[0]:+.1f} ({v[1]:+.1f} to {v[2]:+.1f})"
+        return interval_cell(v, signed=True)
 
     table = diffs.assign(
         **{

@@ -306,10 +306,11 @@ def time_iti_layer(
     repeats: int = 3,
     warmup: int = 1,
 ) -> Timing:
-    """ITI's fit (slim.fit.fit_iti) on one layer's slice: a logistic probe per head on the train rows, scored
-    on the val rows, then a direction and a sigma for each of the layer's H heads (sigma from the train+val
-    rows, ITI's `same` tuning set: a projection, negligible beside the probes)."""
-    from .fit import fit_iti
+    """ITI's fit on one layer's slice (slim.mixed.iti_layer_shifts: fit_iti with every head chosen): a logistic
+    probe per head on the train rows, scored on the val rows, then a direction and a sigma for each of the
+    layer's H heads (sigma from the train+val rows, ITI's `same` tuning set: a projection, negligible beside the
+    probes). The rows are read from the cache before the clock starts."""
+    from .mixed import iti_layer_shifts
 
     train_rows, val_rows = np.sort(np.asarray(train_rows)), np.sort(np.asarray(val_rows))
     rows = np.concatenate([train_rows, val_rows])
@@ -319,7 +320,7 @@ def time_iti_layer(
     local_train, local_val = np.arange(n_train), np.arange(n_train, len(rows))
 
     def fit():
-        return fit_iti(X, y, local_train, local_val, num_heads=H, alpha=1.0, direction=direction)
+        return iti_layer_shifts(X, y, local_train, local_val, 0, direction=direction)
 
     timing, _ = repeat_timed(fit, repeats, warmup)
     timing.meta.update(

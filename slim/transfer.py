@@ -450,8 +450,9 @@ def run_transfer(
 def _cell(v, signed: bool = False) -> str:
     if v is None or any(isinstance(x, float) and math.isnan(x) for x in v[:3]):
         return "-"
-    f = "{:+.1f}" if signed else "{:.1f}"
-    text = f"{f.format(v[0])} ({f.format(v[1])} to {f.format(v[2])})"
+    from .reports import interval_cell
+
+    text = interval_cell(v, signed)
     if len(v) > 3 and not math.isnan(v[3]):
         text += "; p <0.001" if v[3] < 0.001 else f"; p {v[3]:.3f}"
     return text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,3 +140,19 @@ def random_policy(kind: str, model, kappa: float = 1.0, psi: str = "identity"):
         weight = torch.randn(H, d, generator=g)
         return SlimPolicy(weight, torch.zeros(H), A, b, layer=1, tau=0, kappa=kappa, psi=psi, fingerprint=fp)
     return ITIPolicy([[0, 1], [1, 2]], torch.randn(2, d, generator=g), torch.full((2,), 0.1), alpha=2.0, fingerprint=fp)
+
+
+class LengthJudge:
+    """A stand-in judge: 'yes' for answers with more than two words."""
+
+    name = "stub"
+
+    def score(self, questions, answers):
+        return np.array([float(len(str(a).split()) > 2) for a in answers])
+
+
+class HashEmbedder:
+    """A stand-in sentence embedder: a random vector seeded by the text's hash."""
+
+    def encode(self, texts):
+        return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts])

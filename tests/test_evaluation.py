@@ -6,27 +6,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from conftest import make_tokenizer, random_policy, tiny_model
+from conftest import HashEmbedder, LengthJudge, make_tokenizer, random_policy, tiny_model
 from slim.config import EvalConfig
 from slim.evaluation import Scorers, evaluate_method
 from slim.heads import model_shape
 from slim.interventions import ITIPolicy, MimicPolicy, model_fingerprint
 from slim.layout import RunLayout, method_name
 from slim.models import LoadedModel
-
-
-class LengthJudge:
-    """A stand-in judge: 'yes' for answers with more than two words."""
-
-    name = "stub"
-
-    def score(self, questions, answers):
-        return np.array([float(len(str(a).split()) > 2) for a in answers])
-
-
-class HashEmbedder:
-    def encode(self, texts):
-        return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts])
 
 
 def test_which_policies_move_nothing():

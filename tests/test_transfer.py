@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_scripts import run
 
-from conftest import REPO, make_tokenizer, random_policy, tiny_model
+from conftest import REPO, HashEmbedder, LengthJudge, make_tokenizer, random_policy, tiny_model
 from slim.config import EvalConfig
 from slim.evaluation import Scorers, evaluate_method
 from slim.interventions import Policy
@@ -98,18 +98,6 @@ def test_offline_without_a_file_writes_a_note_and_exits_cleanly(tmp_path, monkey
     assert json.loads(out.with_suffix(".json").read_text())["status"] == "not run"
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) == 1 and "could not run" in lines[0]
-
-
-class LengthJudge:
-    name = "stub"
-
-    def score(self, questions, answers):
-        return np.array([float(len(str(a).split()) > 2) for a in answers])
-
-
-class HashEmbedder:
-    def encode(self, texts):
-        return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts])
 
 
 def test_evaluation_records_where_each_folds_policy_lives(tmp_path):
