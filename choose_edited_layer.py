@@ -15,11 +15,11 @@ from dataclasses import asdict
 import pandas as pd
 
 import slim_utils as su
-from slim.activations import load_probe_data
-from slim.data import questions_and_folds
+from slim.data.activations import load_probe_data
+from slim.data.folds import questions_and_folds
+from slim.evaluation.reports import plot_fnr_by_bl, plot_fnr_fpr
 from slim.io import write_csv, write_json
-from slim.reports import plot_fnr_by_bl, plot_fnr_fpr
-from slim.stage1 import chosen_layers, fit_stage1, layer_table
+from slim.stage1.fit import chosen_layers, fit_stage1, layer_table
 
 
 def main():

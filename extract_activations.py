@@ -7,8 +7,8 @@ import argparse
 import json
 
 import slim_utils as su
-from slim.activations import load_probe_data
-from slim.data import questions_and_folds
+from slim.data.activations import load_probe_data
+from slim.data.folds import questions_and_folds
 
 
 def main():

@@ -18,12 +18,12 @@ says where this differs from the authors' setting.
 import argparse
 
 import slim_utils as su
-from slim.activations import load_probe_data
 from slim.config import run_config
-from slim.data import questions_and_folds
-from slim.evaluation import evaluate_methods
-from slim.interventions import model_fingerprint
-from slim.linear_act import PAIRING, check_strength, linear_act_for_fold
+from slim.data.activations import load_probe_data
+from slim.data.folds import questions_and_folds
+from slim.evaluation.evaluate import evaluate_methods
+from slim.policies.base import model_fingerprint
+from slim.policies.linear_act import PAIRING, check_strength, linear_act_for_fold
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
         "--strength",
         default="1.0",
         help="lambda in [0, 1]: 0 = the unintervened model, 1 = the full map; 'best': the value the sweep chose "
-        "(python -m slim.sweep --method linear_act --param strength)",
+        "(python -m slim.evaluation.sweep --method linear_act --param strength)",
     )
     parser.add_argument(
         "--layers", type=int, nargs="+", default=None, help="layers to transport (default: every layer)"

@@ -20,15 +20,15 @@ import argparse
 import functools
 
 import slim_utils as su
-from slim.activations import load_probe_data
 from slim.config import COVARIANCES, TUNING_DATASETS, ITIConfig, SlimConfig, run_config
-from slim.data import questions_and_folds
-from slim.evaluation import evaluate_methods
-from slim.fit import iti_for_fold
-from slim.interventions import model_fingerprint
+from slim.data.activations import load_probe_data
+from slim.data.folds import questions_and_folds
+from slim.evaluation.evaluate import evaluate_methods
 from slim.layout import method_name
-from slim.mixed import iti_on_slim_layer_for_fold, slim_on_iti_heads_for_fold
-from slim.stage1 import chosen_layers, fit_stage1
+from slim.policies.base import model_fingerprint
+from slim.policies.fit import iti_for_fold
+from slim.policies.mixed import iti_on_slim_layer_for_fold, slim_on_iti_heads_for_fold
+from slim.stage1.fit import chosen_layers, fit_stage1
 
 ARMS = ("slim_on_iti_heads", "iti_on_slim_layer")
 

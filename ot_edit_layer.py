@@ -15,13 +15,13 @@ layer.
 import argparse
 
 import slim_utils as su
-from slim.activations import load_probe_data
 from slim.config import COVARIANCES, PSI, SlimConfig, run_config
-from slim.data import questions_and_folds
-from slim.evaluation import evaluate_methods
-from slim.fit import fit_mimic, fold_layer_activations, slim_for_fold
-from slim.interventions import model_fingerprint
-from slim.stage1 import chosen_layers, fit_stage1
+from slim.data.activations import load_probe_data
+from slim.data.folds import questions_and_folds
+from slim.evaluation.evaluate import evaluate_methods
+from slim.policies.base import model_fingerprint
+from slim.policies.fit import fit_mimic, fold_layer_activations, slim_for_fold
+from slim.stage1.fit import chosen_layers, fit_stage1
 
 
 def main():

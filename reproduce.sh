@@ -57,7 +57,7 @@ stage() { echo; echo "=== reproduce.sh ($mode): $* ==="; }
 last() { head -n 1 "$written"; }
 report() {  # report <out.md> <title> <summary>... [--labels <label>...]
   local out=$1 title=$2; shift 2
-  python -m slim.reports "$@" --out "$out" --title "$title" --command "$cmd" > /dev/null
+  python -m slim.evaluation.reports "$@" --out "$out" --title "$title" --command "$cmd" > /dev/null
   echo "written $out"
 }
 
@@ -77,11 +77,11 @@ stage "3/8 Table 1, Figure 2, Table 5"
 report "$PAPER_DIR/table1_${name}_${mode}.md" "Table 1: $MODEL, $NUM_FOLD folds, test questions ($mode; $judges)" \
   "${rows[@]}" "$linear_act_row"
 for method in slim iti linear_act; do
-  python -m slim.figures sweep --best "$OUT_DIR/${run_tag}_best_$method.json" \
+  python -m slim.paper.figures sweep --best "$OUT_DIR/${run_tag}_best_$method.json" \
     --out "$PAPER_DIR/figure2_${name}_${mode}_$method.png" > /dev/null
   echo "written $PAPER_DIR/figure2_${name}_${mode}_$method.png"
 done
-python -m slim.examples "$base_row" "$iti_row" "$slim_row" --out "$PAPER_DIR/table5_${name}_${mode}.md" > /dev/null
+python -m slim.paper.examples "$base_row" "$iti_row" "$slim_row" --out "$PAPER_DIR/table5_${name}_${mode}.md" > /dev/null
 echo "written $PAPER_DIR/table5_${name}_${mode}.md"
 
 stage "4/8 Table 2: the mixed arms"

@@ -59,6 +59,6 @@ for v in FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS NUM_HEADS FIGURE_B
 done
 cmd=$(printf '%q ' bash run_pipeline.sh "$@")
 [ -n "${ROWS_OUT:-}" ] && printf '%s\n' "${rows[@]}" > "$ROWS_OUT"
-python -m slim.reports "${rows[@]}" --out "$PAPER_DIR/table1_${MODEL//\//_}_$([ -n "${FULL:-}" ] && echo full || echo quick).md" \
+python -m slim.evaluation.reports "${rows[@]}" --out "$PAPER_DIR/table1_${MODEL//\//_}_$([ -n "${FULL:-}" ] && echo full || echo quick).md" \
   --title "$MODEL, $NUM_FOLD folds, test questions ($mode; judges: ${JUDGES:-offline unless named})" \
   --command "${settings}${cmd% }"

@@ -28,11 +28,11 @@ from slim.config import (
     ParameterError,
     ProbeConfig,
 )
-from slim.data import resolve_question_order
-from slim.evaluation import format_row
+from slim.data.folds import resolve_question_order
+from slim.evaluation.evaluate import format_row
 from slim.io import DamagedArtefact, hold_folder, write_text
 from slim.layout import RunLayout, model_tag
-from slim.models import DEFAULT_MODEL, MODEL_REGISTRY, load_model, resolve_device, resolve_model_name
+from slim.models.loading import DEFAULT_MODEL, MODEL_REGISTRY, load_model, resolve_device, resolve_model_name
 
 ROOT = Path(__file__).resolve().parent
 VALIDATION_DIR = Path(os.environ.get("SLIM_VALIDATION_DIR", ROOT / "validation"))

@@ -65,5 +65,5 @@ else
   echo "error: METHOD must be slim, iti, linear_act, slim_on_iti_heads or iti_on_slim_layer, got '$METHOD'." >&2
   exit 2
 fi
-python -m slim.sweep --criterion "$CRITERION" --max_degeneracy "$MAX_DEGENERACY" --param "$param" \
+python -m slim.evaluation.sweep --criterion "$CRITERION" --max_degeneracy "$MAX_DEGENERACY" --param "$param" \
   --method "$METHOD" --out_dir "$OUT_DIR" "${summaries[@]}"

@@ -5,7 +5,7 @@
 
 Reads stage 1 as ot_edit_layer.py does (the activation cache, each fold's
 probes and the edited layer, trained or extracted where missing), then, on
-fold --fold (default 0), times with slim.timing: stage 1's probes of the
+fold --fold (default 0), times with slim.paper.timing: stage 1's probes of the
 edited layer (its H heads, the run's loss and epochs, the fold's train rows,
 validated on its val rows), one head's OT map (the head flagging the most
 rows) and all the layer's maps (the run's gamma and covariance), ITI's fit
@@ -27,14 +27,23 @@ import time
 import torch
 
 import slim_utils as su
-from slim import timing
-from slim.activations import load_probe_data
+from slim.answering.prompts import qa_prompt
 from slim.config import COVARIANCES, PSI, ParameterError, SlimConfig, check_int, run_config
-from slim.data import questions_and_folds
-from slim.fit import fold_layer_activations, slim_for_fold
-from slim.generation import qa_prompt
-from slim.interventions import model_fingerprint
-from slim.stage1 import chosen_layers, fit_stage1
+from slim.data.activations import load_probe_data
+from slim.data.folds import questions_and_folds
+from slim.paper.overhead import answer_setup, paired_overhead, timed_questions
+from slim.paper.table4 import device_description, table4_components, write_table4
+from slim.paper.timing import (
+    PAPER_TABLE4,
+    busiest_head,
+    time_head_map,
+    time_iti_layer,
+    time_layer_maps,
+    time_layer_probes,
+)
+from slim.policies.base import model_fingerprint
+from slim.policies.fit import fold_layer_activations, slim_for_fold
+from slim.stage1.fit import chosen_layers, fit_stage1
 
 # the answering flags of the evaluating scripts that decide how questions are answered (the judges' flags are
 # accepted, unused: nothing is scored)
@@ -82,26 +91,26 @@ def main():
 
     train_rows, val_rows = data.rows_of(split["train"]), data.rows_of(split["val"])
     labels = data.texts["label"].to_numpy()
-    t_probes = timing.time_layer_probes(
+    t_probes = time_layer_probes(
         data.activations, labels, train_rows, val_rows, layer, probe_cfg, su.compute_device(args), args.repeats
     )
     acts_layer, _ = fold_layer_activations(data, split, layer)
     weight, bias = probes.weight[layer], probes.bias[layer]
-    head = timing.busiest_head(acts_layer, weight, bias)
-    t_head = timing.time_head_map(acts_layer, weight, bias, head, cfg, args.repeats)
-    t_maps = timing.time_layer_maps(acts_layer, weight, bias, cfg, args.repeats)
+    head = busiest_head(acts_layer, weight, bias)
+    t_head = time_head_map(acts_layer, weight, bias, head, cfg, args.repeats)
+    t_maps = time_layer_maps(acts_layer, weight, bias, cfg, args.repeats)
     t_iti = None
     if args.iti:
         truthful = data.texts["truthful"].to_numpy()
-        t_iti = timing.time_iti_layer(data.activations, truthful, train_rows, val_rows, layer, "com", args.repeats)
+        t_iti = time_iti_layer(data.activations, truthful, train_rows, val_rows, layer, "com", args.repeats)
 
     policy = slim_for_fold(
         acts_layer, probes, layer, cfg, layout.maps(fold, layer, cfg, probe_cfg), model_fingerprint(lm.model)
     )
-    questions = timing.timed_questions(df, split["test"], args.n_questions_timed)
-    prefix, stop = timing.answer_setup(lm, questions, args.prefix_cache, args.stop_at_answer)
+    questions = timed_questions(df, split["test"], args.n_questions_timed)
+    prefix, stop = answer_setup(lm, questions, args.prefix_cache, args.stop_at_answer)
     on_gpu = str(lm.device).startswith("cuda")
-    overhead = timing.paired_overhead(
+    overhead = paired_overhead(
         lm,
         [qa_prompt(q) for q in questions["Question"]],
         policy,
@@ -114,14 +123,14 @@ def main():
         time_edit=not on_gpu,  # a GPU clock inside the edit would see only the kernel launches
     )
 
-    components = timing.table4_components(t_probes, t_head, overhead, t_maps, t_iti)
+    components = table4_components(t_probes, t_head, overhead, t_maps, t_iti)
     totals = overhead.totals()
     header = {
         "title": f"Table 4: running time, {layout.tag} (this run)",
         "command": shlex.join(["python", *sys.argv]),
         "date": started,
         "model": f"{args.model_name}" + (f" from {args.model_dir}" if args.model_dir else "") + f" (run {layout.tag})",
-        "device": timing.device_description("auto" if args.device == "auto" else str(lm.device)),
+        "device": device_description("auto" if args.device == "auto" else str(lm.device)),
         "load average (1 min) at the start": "n/a" if load_average is None else f"{load_average:.2f}",
         "torch": torch.__version__,
         "edited layer": f"{layer} of fold {fold} (tau {policy.tau} of {weight.shape[0]} heads), kappa {cfg.kappa:g}, "
@@ -132,8 +141,8 @@ def main():
         f"{t_probes.meta['train_rows']} train rows validated every epoch on {t_probes.meta['val_rows']} val rows, "
         f"{probe_cfg.loss_type} loss, {probe_cfg.epochs} epochs, on {t_probes.meta['device']}.",
         f"One head: head {head} (the most flagged rows: {t_head.meta['flagged_rows']} of {t_head.meta['rows']}; "
-        f"map {t_head.meta['status']}), closed-form solve (slim.gaussian_ot, numpy on the CPU), not an SDP solver as "
-        "in the paper.",
+        f"map {t_head.meta['status']}), closed-form solve (slim.policies.gaussian_ot, numpy on the "
+        "CPU), not an SDP solver as in the paper.",
         f"Inference: {len(overhead.prompts)} test questions of fold {fold}, batches of {args.answer_batch_size}, up "
         f"to {args.max_new_tokens} new tokens, shared-prompt cache {'on' if prefix is not None else 'off'}, stop "
         f"at the answer {'on' if stop else 'off'}; each batch plain and edited back to back, the order "
@@ -142,8 +151,8 @@ def main():
         f"by the edit; increase of the summed times {totals['mean_increase_pct']:+.2f} %.",
         "Headline: the per-decoded-token increase (the edit's computation, whatever it does to the answers' "
         "length); the whole-answer row also counts the answers getting longer or shorter.",
-        f"The paper's column is quoted from its Table 4 ({timing.PAPER_TABLE4['model']}, "
-        f"{timing.PAPER_TABLE4['hardware']}); it was not measured here.",
+        f"The paper's column is quoted from its Table 4 ({PAPER_TABLE4['model']}, "
+        f"{PAPER_TABLE4['hardware']}); it was not measured here.",
     ]
     if overhead.firing_rate is not None:
         notes.append(f"SLIM's layer fired at {100 * overhead.firing_rate:.1f} % of the timed edited positions.")
@@ -167,7 +176,7 @@ def main():
         },
     }
     out = args.out or layout.out_dir / f"table4_{layout.tag}.md"
-    md, js = timing.write_table4(out, header, components, notes, details)
+    md, js = write_table4(out, header, components, notes, details)
     for c in components:
         print(f"{c['component']}: {c['median']:.4g} {c['unit']} (min {c['min']:.4g}, max {c['max']:.4g}, n {c['n']})")
     print(f"table: {md}\njson: {js}")

@@ -26,20 +26,12 @@ from pathlib import Path
 
 import slim_utils as su
 from slim.config import EvalConfig
-from slim.evaluation import load_scorers
+from slim.evaluation.evaluate import load_scorers
 from slim.io import hold_folder, write_json, write_text
 from slim.layout import model_tag
-from slim.models import resolve_device
-from slim.transfer import (
-    TransferUnavailable,
-    data_key,
-    load_nq_open,
-    load_transfer_runs,
-    read_config,
-    run_transfer,
-    transfer_markdown,
-    unavailable_note,
-)
+from slim.models.loading import resolve_device
+from slim.paper.nq_open import TransferUnavailable, data_key, load_nq_open
+from slim.paper.transfer import load_transfer_runs, read_config, run_transfer, transfer_markdown, unavailable_note
 
 MODEL_FLAGS = ("--model_dir", "--head_layout", "--device", "--tqa_dir")
 RUN_FLAGS = ("--judge_name", "--info_name", "--embedder", "--max_new_tokens", "--answer_batch_size", "--answer_rule")

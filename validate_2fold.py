@@ -17,12 +17,12 @@ are written.
 import argparse
 
 import slim_utils as su
-from slim.activations import load_probe_data
 from slim.config import TUNING_DATASETS, ITIConfig, run_config
-from slim.data import questions_and_folds
-from slim.evaluation import evaluate_methods
-from slim.fit import iti_for_fold
-from slim.interventions import model_fingerprint
+from slim.data.activations import load_probe_data
+from slim.data.folds import questions_and_folds
+from slim.evaluation.evaluate import evaluate_methods
+from slim.policies.base import model_fingerprint
+from slim.policies.fit import iti_for_fold
 
 
 def main():

@@ -52,6 +52,6 @@ for v in "${variants[@]}"; do
   rows+=("$(head -n 1 "$written")"); labels+=("$v")
 done
 cmd=$(printf '%q ' bash benchmarks/ablate_fidelity.sh "$@")
-python -m slim.reports "${rows[@]}" --labels "${labels[@]}" --out "paper/ablation_fidelity_${MODEL//\//_}.md" \
+python -m slim.evaluation.reports "${rows[@]}" --labels "${labels[@]}" --out "paper/ablation_fidelity_${MODEL//\//_}.md" \
   --title "$MODEL: SLIM at kappa $KAPPA with one departure toggled back (validation questions, 2 folds)" \
   --command "KAPPA=$KAPPA ${cmd% }"

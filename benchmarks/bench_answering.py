@@ -24,12 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from slim.data import load_truthfulqa  # noqa: E402
-from slim.generation import extract_answer, generate_greedy, qa_prompt, shared_prefix  # noqa: E402
-from slim.heads import model_shape  # noqa: E402
-from slim.interventions import Policy, SlimPolicy, model_fingerprint  # noqa: E402
-from slim.models import load_model  # noqa: E402
-from slim.prefix import PrefixCache  # noqa: E402
+from slim.answering.decoding import generate_greedy  # noqa: E402
+from slim.answering.prefix import PrefixCache  # noqa: E402
+from slim.answering.prompts import extract_answer, qa_prompt, shared_prefix
+from slim.data.truthfulqa import load_truthfulqa  # noqa: E402
+from slim.models.heads import model_shape  # noqa: E402
+from slim.models.loading import load_model  # noqa: E402
+from slim.policies.base import Policy, model_fingerprint
+from slim.policies.slim import SlimPolicy  # noqa: E402
 
 # name: (shared-prompt cache, stop at the answer)
 PATHS = {"old": (False, False), "cache only": (True, False), "stop only": (False, True), "new": (True, True)}

@@ -16,9 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from slim.activations import last_token_head_activations  # noqa: E402
-from slim.data import load_truthfulqa, probe_texts  # noqa: E402
-from slim.models import load_model  # noqa: E402
+from slim.data import probe_texts  # noqa: E402
+from slim.data.activations import last_token_head_activations  # noqa: E402
+from slim.data.truthfulqa import load_truthfulqa
+from slim.models.loading import load_model  # noqa: E402
 
 
 def main():

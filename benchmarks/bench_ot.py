@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import norm  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from slim.gaussian_ot import head_map_from_moments, solve_head_sdp  # noqa: E402
+from slim.policies.gaussian_ot import head_map_from_moments, solve_head_sdp  # noqa: E402
 
 
 def make_instance(d, gamma, degenerate, rng):

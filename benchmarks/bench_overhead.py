@@ -16,7 +16,7 @@ its effect. Two ways to take that out:
                    sequence ignored), so both runs do the same amount of work
                    whatever the edit makes the model say.
 Time per decoded token (batch rows x decode steps) is printed in every mode.
-The paired timing itself is slim.timing.paired_overhead, which timings.py
+The paired timing itself is slim.paper.timing.paired_overhead, which timings.py
 (the paper's Table 4) uses too; this script decodes with model.generate on
 the full prompts, timings.py as the pipeline answers.
 """
@@ -29,12 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from slim.data import load_truthfulqa  # noqa: E402
-from slim.generation import qa_prompt  # noqa: E402
-from slim.heads import model_shape  # noqa: E402
-from slim.interventions import Policy, SlimPolicy, model_fingerprint  # noqa: E402
-from slim.models import load_model  # noqa: E402
-from slim.timing import paired_overhead  # noqa: E402
+from slim.answering.prompts import qa_prompt  # noqa: E402
+from slim.data.truthfulqa import load_truthfulqa  # noqa: E402
+from slim.models.heads import model_shape  # noqa: E402
+from slim.models.loading import load_model  # noqa: E402
+from slim.paper.overhead import paired_overhead  # noqa: E402
+from slim.policies.base import Policy, model_fingerprint
+from slim.policies.slim import SlimPolicy  # noqa: E402
 
 
 def main():
@@ -83,7 +84,7 @@ def main():
     prompts = [qa_prompt(q) for q in questions]
 
     # One warm-up pass each way, then each batch plain and edited back to back, the order swapping from pair
-    # to pair, so a slow spell of the machine hits both sides of a pair alike (slim.timing.paired_overhead).
+    # to pair, so a slow spell of the machine hits both sides of a pair alike (slim.paper.timing.paired_overhead).
     result = paired_overhead(
         lm,
         prompts,

@@ -3,7 +3,7 @@
 A random problem shaped like SmolLM2-135M on TruthfulQA (30 layers x 9 heads,
 head size 64, ~4,700 train and ~1,200 val rows, float16 activations as on
 disk). Both trainers start from the same initial weights; the loop uses
-nn.Linear + torch.optim.Adam + autograd (slim.probes.fit_one_probe).
+nn.Linear + torch.optim.Adam + autograd (slim.stage1.probes.fit_one_probe).
 
     python benchmarks/bench_probes.py                      # defaults below
     python benchmarks/bench_probes.py --loop-probes 270    # time the whole loop
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from slim.probes import RiskAwareProbes, fit_one_probe, init_weights  # noqa: E402
+from slim.stage1.probes import RiskAwareProbes, fit_one_probe, init_weights  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--layers", type=int, default=30)

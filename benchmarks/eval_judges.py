@@ -34,7 +34,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slim.judges import (  # noqa: E402
+from slim.evaluation.metrics import sem_scores  # noqa: E402
+from slim.judges import (
     REFUSAL_RE,
     THRESHOLD,
     OfflineJudge,
@@ -46,8 +47,8 @@ from slim.judges import (  # noqa: E402
     make_judge,
     paired_shifts,
 )
-from slim.judges.offline import _STORES, EmbeddingStore  # noqa: E402
-from slim.metrics import sem_scores  # noqa: E402
+from slim.judges.features import EmbeddingStore  # noqa: E402
+from slim.judges.offline import _STORES
 
 KINDS = {"truth": ("truthful", "True"), "info": ("informative", "Info")}  # label column, percentage name
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+__version__ = "0.1.0"  # recorded in the caches a run writes
+
 __all__ = ["ParameterError", "DataConfig", "ProbeConfig", "SlimConfig", "ITIConfig", "EvalConfig", "run_config", "fmt"]
 
 # probe-training texts; tqa_mc2_plain: tqa_mc2 without the closing period (this project's earlier texts, an ablation)
@@ -27,14 +29,14 @@ COVARIANCES = ("empirical", "ledoit_wolf", "ridge")
 # a head flagging fewer activations than this keeps the identity map, unless min_samples says otherwise:
 # empirical follows the published code (no minimum beyond the 2 rows any covariance needs)
 MIN_SAMPLES = {"empirical": 2, "ledoit_wolf": 10, "ridge": 10}
-PROBE_CHECKPOINTS = ("last", "best")  # which epoch's probe parameters are kept (slim.probes)
+PROBE_CHECKPOINTS = ("last", "best")  # which epoch's probe parameters are kept (slim.stage1.probes)
 DIRECTIONS = ("com", "probe", "random")
 # activations whose projections on ITI's directions give sigma: tqa_gen_end_q texts of all the run's
 # questions (the published default), of the fold's train+val questions only, or the probe texts' train+val rows
 TUNING_DATASETS = ("tqa_gen_end_q_all", "tqa_gen_end_q", "same")
 SPLITS = ("test", "val")
-ANSWER_RULES = ("published", "paragraph")  # how an answer is cut out of a continuation (slim.generation)
-LIKELIHOOD_EDITS = ("every", "last")  # where MC1/MC2 and CE/KL are edited (slim.likelihood)
+ANSWER_RULES = ("published", "paragraph")  # how an answer is cut out of a continuation (slim.answering)
+LIKELIHOOD_EDITS = ("every", "last")  # where MC1/MC2 and CE/KL are edited (slim.answering.likelihood)
 
 
 class ParameterError(ValueError):

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 TQA_DIR = Path(os.environ.get("SLIM_TQA_DIR", REPO.parent / "shared" / "data" / "truthfulqa"))
 if not (TQA_DIR / "TruthfulQA.csv").exists():
     # Outside this project's machines: fetch (and checksum) the files into the user cache.
-    from slim.data import TQA_FILES, find_truthfulqa_file
+    from slim.data.truthfulqa import TQA_FILES, find_truthfulqa_file
 
     os.environ.pop("SLIM_TQA_DIR", None)
     TQA_DIR = [find_truthfulqa_file(name) for name in TQA_FILES][0].parent
@@ -129,8 +129,10 @@ def arch_model(request):
 def random_policy(kind: str, model, kappa: float = 1.0, psi: str = "identity"):
     """A random SLIM policy at layer 1 (tau 0: the detector fires on every token) or ITI policy, both of which
     change what a tiny model says."""
-    from slim.heads import model_shape
-    from slim.interventions import ITIPolicy, SlimPolicy, model_fingerprint
+    from slim.models.heads import model_shape
+    from slim.policies.base import model_fingerprint
+    from slim.policies.iti import ITIPolicy
+    from slim.policies.slim import SlimPolicy
 
     g = torch.Generator().manual_seed(1)
     L, H, d = model_shape(model)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from slim.activations import cached_head_activations, last_token_head_activations
+from slim.data.activations import cached_head_activations, last_token_head_activations
 
 TEXTS = [
     "Q: What is the capital of France ? A: Paris .",

@@ -1,4 +1,7 @@
-"""The audit command (slim.audit): sampling, labelling from piped input, resuming, --labels, the judges' agreement."""
+"""The audit command (slim.judges.audit):
+
+sampling, labelling from piped input, resuming, --labels, the judges' agreement.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +14,9 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, TQA_DIR, make_tokenizer, tiny_model
-from slim import audit
-from slim.data import load_truthfulqa
-from slim.judges import Judge, load_judge_labels
-from slim.judges import offline as offline_judges
+from slim.data.truthfulqa import load_truthfulqa
+from slim.judges import Judge, audit, load_judge_labels
+from slim.judges import labels as offline_judges
 
 
 class WordJudge(Judge):
@@ -251,7 +253,7 @@ def test_the_command_with_piped_answers_and_a_local_judge(tmp_path, tqa):
     make_tokenizer().save_pretrained(judge_dir)
     a = answer_file(tmp_path / "baseline.csv", tqa, [(0, "Nothing happens."), (5, "I have no comment.")])
     out = tmp_path / "labels.csv"
-    cmd = [sys.executable, "-m", "slim.audit", str(a), "--n", "2", "--out", str(out), "--tqa_dir", str(TQA_DIR)]
+    cmd = [sys.executable, "-m", "slim.judges.audit", str(a), "--n", "2", "--out", str(out), "--tqa_dir", str(TQA_DIR)]
     cmd += ["--judge_name", f"local:{judge_dir}", "--info_name", f"local:{judge_dir}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -270,7 +272,7 @@ def test_the_command_with_piped_answers_and_a_local_judge(tmp_path, tqa):
     assert sorted(zip(labels["truthful"], labels["informative"])) == [(0, 1), (1, 0)]
 
     proc = subprocess.run(
-        [sys.executable, "-m", "slim.audit", "--labels", str(tmp_path / "missing.csv")],
+        [sys.executable, "-m", "slim.judges.audit", "--labels", str(tmp_path / "missing.csv")],
         cwd=REPO,
         env=env,
         capture_output=True,

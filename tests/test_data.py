@@ -13,20 +13,13 @@ import pandas as pd
 import pytest
 
 from conftest import TQA_DIR
-from slim import data
-from slim.activations import load_cached_activations
 from slim.config import DataConfig
-from slim.data import (
-    PROBE_TEXT_FORMAT,
-    DataUnavailableError,
-    draw_folds,
-    find_truthfulqa_file,
-    load_truthfulqa,
-    mc_order,
-    probe_texts,
-    text_format,
-    with_final_punctuation,
-)
+from slim.data import folds as data
+from slim.data import probe_texts
+from slim.data.activations import load_cached_activations
+from slim.data.folds import draw_folds, mc_order
+from slim.data.probe_texts import PROBE_TEXT_FORMAT, text_format, with_final_punctuation
+from slim.data.truthfulqa import DataUnavailableError, find_truthfulqa_file, load_truthfulqa
 
 
 @pytest.fixture

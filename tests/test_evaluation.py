@@ -8,11 +8,13 @@ import torch
 
 from conftest import HashEmbedder, LengthJudge, make_tokenizer, random_policy, tiny_model
 from slim.config import EvalConfig
-from slim.evaluation import Scorers, evaluate_method
-from slim.heads import model_shape
-from slim.interventions import ITIPolicy, MimicPolicy, model_fingerprint
+from slim.evaluation.evaluate import Scorers, evaluate_method
 from slim.layout import RunLayout, method_name
-from slim.models import LoadedModel
+from slim.models.heads import model_shape
+from slim.models.loading import LoadedModel
+from slim.policies.base import model_fingerprint
+from slim.policies.iti import ITIPolicy
+from slim.policies.mimic import MimicPolicy
 
 
 def test_which_policies_move_nothing():
@@ -70,7 +72,7 @@ def test_a_policy_that_moves_nothing_reuses_the_unintervened_answers(tmp_path):
 
 
 def test_a_rerun_recomputes_no_likelihood_metric(tmp_path, monkeypatch):
-    import slim.likelihood
+    import slim.answering.likelihood
 
     tokenizer = make_tokenizer()
     model = tiny_model("llama", max_positions=512)
@@ -97,8 +99,8 @@ def test_a_rerun_recomputes_no_likelihood_metric(tmp_path, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("recomputed")
 
-    monkeypatch.setattr(slim.likelihood, "mc_scores", forbidden)
-    monkeypatch.setattr(slim.likelihood, "ce_and_kl", forbidden)
+    monkeypatch.setattr(slim.answering.likelihood, "mc_scores", forbidden)
+    monkeypatch.setattr(slim.answering.likelihood, "ce_and_kl", forbidden)
     again = run("slim", {"kappa": 5.0}, lambda fold: policy)  # every answer and metric read back
     for key in ("mc1", "mc2", "ce", "kl", "firing_rate", "true", "info"):
         assert again.rows[0][key] == first.rows[0][key]

@@ -1,4 +1,7 @@
-"""Table 5 (slim.examples): test questions only, a seeded random part, the most disagreeing questions, safe Markdown."""
+"""Table 5 (slim.paper.examples):
+
+test questions only, a seeded random part, the most disagreeing questions, safe Markdown.
+"""
 
 import json
 
@@ -7,8 +10,8 @@ import pandas as pd
 import pytest
 
 from conftest import TQA_DIR
-from slim.data import load_truthfulqa
-from slim.examples import differing_pairs, examples_markdown, main, markdown_cell, qualitative_examples
+from slim.data.truthfulqa import load_truthfulqa
+from slim.paper.examples import differing_pairs, examples_markdown, main, markdown_cell, qualitative_examples
 
 TQA = load_truthfulqa(TQA_DIR)
 

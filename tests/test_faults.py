@@ -21,13 +21,13 @@ import pytest
 import torch
 
 from conftest import REPO, TQA_DIR, make_tokenizer, tiny_model
-from slim.activations import cached_head_activations, load_cached_activations
-from slim.data import DataUnavailableError, load_truthfulqa
-from slim.fit import fit_slim, iti_for_fold
+from slim.data.activations import cached_head_activations, load_cached_activations
+from slim.data.truthfulqa import DataUnavailableError, load_truthfulqa
+from slim.evaluation.metrics import read_summary, write_summary
 from slim.io import DamagedArtefact, check_path, verify, write_checked
 from slim.judges import EmbeddingStore, OfflineJudge, OpenAIJudge, load_judge_data
-from slim.metrics import read_summary, write_summary
-from slim.probes import load_probes, save_probes
+from slim.policies.fit import fit_slim, iti_for_fold
+from slim.stage1.probes import load_probes, save_probes
 
 TEXTS = [f"Q: What is {w} ? A: It is {w} ." for w in ("Paris", "London", "the capital", "yes", "no", "a seed")]
 
@@ -113,7 +113,7 @@ def test_damaged_probes_raise_one_line_naming_the_file(tmp_path, how):
 
 def test_damaged_probes_are_trained_again_and_the_intact_fold_is_kept(tmp_path, caplog):
     from slim.config import ProbeConfig
-    from slim.stage1 import train_fold_probes
+    from slim.stage1.fit import train_fold_probes
 
     rng = np.random.default_rng(0)
     acts = rng.standard_normal((60, 2, 3, 4)).astype(np.float16)
@@ -147,8 +147,8 @@ def test_damaged_maps_are_fitted_again(tmp_path, caplog):
 
 
 def test_damaged_iti_heads_are_fitted_again(tmp_path, caplog):
-    from slim.activations import ProbeData
     from slim.config import ITIConfig
+    from slim.data.activations import ProbeData
 
     rng = np.random.default_rng(2)
     texts = pd.DataFrame({"question_idx": np.repeat(np.arange(10), 4), "truthful": np.tile([1, 0], 20)})
@@ -218,7 +218,7 @@ def test_damaged_verdict_cache_is_set_aside_and_embeddings_are_recomputed(tmp_pa
 
 
 def test_damaged_converted_model_is_converted_again(tmp_path, monkeypatch, caplog):
-    from slim import models
+    from slim.models import loading as models
 
     monkeypatch.setenv("SLIM_CACHE", str(tmp_path))
     converted = []
@@ -247,7 +247,8 @@ def test_damaged_converted_model_is_converted_again(tmp_path, monkeypatch, caplo
 
 
 def test_damaged_policy_folder_is_one_line_naming_the_file(tmp_path):
-    from slim.interventions import ITIPolicy, Policy
+    from slim.policies.base import Policy
+    from slim.policies.iti import ITIPolicy
 
     folder = ITIPolicy([[0, 1]], [[1.0, 0.0]], [0.5], alpha=2.0).save(tmp_path / "policy")
     assert Policy.load(folder).alpha == 2.0
@@ -276,7 +277,11 @@ def test_damaged_summary_is_one_line_naming_the_file(tmp_path):
     with pytest.raises(DamagedArtefact, match=f"{path} is damaged \\(JSONDecodeError"):
         read_summary(path)
     proc = subprocess.run(
-        [sys.executable, "-m", "slim.sweep", str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "slim.evaluation.sweep", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0 and f"error: {path} is damaged" in proc.stderr
 
@@ -435,7 +440,7 @@ def test_second_run_on_the_same_out_dir_waits_or_says_who_holds_it(model_dir, tm
 
 
 def test_model_dir_without_tokenizer_or_with_damaged_weights_is_one_line(model_dir, tmp_path):
-    from slim.models import load_model
+    from slim.models.loading import load_model
 
     no_tokenizer, damaged = tmp_path / "no_tokenizer", tmp_path / "damaged"
     no_tokenizer.mkdir()

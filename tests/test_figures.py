@@ -1,4 +1,7 @@
-"""Figure 2 (slim.figures.plot_sweep): bands from slim.stats on the pooled verdicts, the chosen value, the reference."""
+"""Figure 2 (slim.paper.figures.plot_sweep):
+
+bands from slim.stats on the pooled verdicts, the chosen value, the reference.
+"""
 
 import json
 import logging
@@ -11,7 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO
-from slim.figures import plot_sweep, read_scored
+from slim.paper.figures import plot_sweep, read_scored
 from slim.stats import mean_interval, true_info_interval
 
 
@@ -118,7 +121,7 @@ def test_iti_sweep_puts_the_unintervened_model_at_alpha_zero(tmp_path):
 def test_a_summary_without_scored_answers_is_a_point_without_a_band(sweep, tmp_path, caplog):
     folder, summaries, _, _ = sweep
     old = _summary(tmp_path / "old", "slim", {"kappa": 80.0}, _verdicts(np.random.default_rng(2), 40, 0.6, 0.4), False)
-    with caplog.at_level(logging.WARNING, logger="slim.figures"):
+    with caplog.at_level(logging.WARNING, logger="slim.paper.figures"):
         points = plot_sweep([*summaries, old], _best(folder, "kappa", 20.0, "slim"), tmp_path / "f.png")
     at = points[points["x"] == 80.0].set_index("metric")
     assert not at["band"].any() and at["lo"].isna().all()
@@ -172,7 +175,7 @@ def test_command_line_writes_the_figure_and_says_a_missing_file_in_one_line(swee
     folder, summaries, _, _ = sweep
     env = dict(os.environ, OMP_NUM_THREADS="1")
     best = _best(folder, "kappa", 20.0, "slim")
-    cmd = [sys.executable, "-m", "slim.figures", "sweep", *map(str, summaries), "--best", str(best)]
+    cmd = [sys.executable, "-m", "slim.paper.figures", "sweep", *map(str, summaries), "--best", str(best)]
     done = subprocess.run([*cmd, "--out", str(tmp_path / "cli.png")], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cli.png").is_file() and "20 (chosen)" in done.stdout

@@ -1,4 +1,4 @@
-"""Tests of slim.fit's ITI: where sigma (the std of the projections on each direction) comes from.
+"""Tests of slim.policies.fit's ITI: where sigma (the std of the projections on each direction) comes from.
 
 The published scripts take it from the tqa_gen_end_q texts of all questions (their default activations
 dataset); `tuning_dataset` also offers those texts of the fold's train+val questions, or the probe texts'
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import WORDS, tiny_model
-from slim.activations import load_probe_data
 from slim.config import ITIConfig
-from slim.fit import iti_for_fold
+from slim.data.activations import load_probe_data
 from slim.layout import RunLayout
+from slim.policies.fit import iti_for_fold
 
 SPLIT = {"train": np.arange(6), "val": np.arange(6, 8), "test": np.arange(8, 10)}
 
@@ -114,9 +114,9 @@ def test_iti_sigma_source_is_checked(activations, tmp_path):
 
 def test_maps_are_refitted_when_their_data_changes(tmp_path, monkeypatch):
     """The maps' cache key holds a hash of the activations and probes: same file name, other rows -> refitted."""
-    import slim.fit as fit
+    import slim.policies.fit as fit
     from slim.config import SlimConfig
-    from slim.stage1 import FoldProbes
+    from slim.stage1.fit import FoldProbes
 
     rng = np.random.default_rng(0)
     N, L, H, d = 60, 2, 3, 4

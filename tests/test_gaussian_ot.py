@@ -1,4 +1,4 @@
-"""Tests of slim.gaussian_ot: the exact head-wise solution against the SDP of paper eq. 4,
+"""Tests of slim.policies.gaussian_ot: the exact head-wise solution against the SDP of paper eq. 4,
 the OT map by sampling, fallbacks, input checks and safetensors I/O."""
 
 import math
@@ -11,18 +11,14 @@ from scipy.optimize import brentq, minimize_scalar
 from scipy.stats import norm
 
 from slim.config import SlimConfig
-from slim.gaussian_ot import (
+from slim.policies.gaussian_ot import (
     MAX_CONDITION,
-    HeadMap,
-    fit_head_map,
-    fit_layer_maps,
     head_map_from_moments,
-    load_layer_maps,
     ot_map,
     regularize_covariance,
-    save_layer_maps,
     solve_head_sdp,
 )
+from slim.policies.head_maps import HeadMap, fit_head_map, fit_layer_maps, load_layer_maps, save_layer_maps
 
 # -----------------------------------------------------------------------------
 # helpers

@@ -10,18 +10,10 @@ import pytest
 import torch
 
 from conftest import make_tokenizer, random_policy, tiny_model
-from slim.generation import (
-    QA_PRIMER,
-    answer_closed,
-    answer_questions,
-    extract_answer,
-    generate_greedy,
-    greedy_answer_tokens,
-    greedy_tokens,
-    qa_prompt,
-    shared_prefix,
-)
-from slim.prefix import PrefixCache
+from slim.answering.answers import answer_questions
+from slim.answering.decoding import generate_greedy, greedy_answer_tokens, greedy_tokens
+from slim.answering.prefix import PrefixCache
+from slim.answering.prompts import QA_PRIMER, answer_closed, extract_answer, qa_prompt, shared_prefix
 
 
 def test_prompt_layout():
@@ -379,7 +371,7 @@ def test_answers_saved_under_another_rule_are_re_extracted_or_answered_again(tmp
     out = tmp_path / "answers.csv"
     old.to_csv(out, index=False)  # the four columns of the earlier format
     calls = counting_forward(model)
-    with caplog.at_level(logging.INFO, logger="slim.generation"):
+    with caplog.at_level(logging.INFO, logger="slim.answering"):
         got = answer_questions(model, tokenizer, qs, out, max_new_tokens=16, progress=False, prefix_cache=False)
     assert calls and set(calls) == {1}  # only question 2 was answered again
     (line,) = [r.getMessage() for r in caplog.records if "re-extracted" in r.getMessage()]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_model
-from slim.heads import (
+from slim.models.heads import (
     COMMON_PROJECTIONS,
     HeadLayout,
     HeadTrace,

@@ -5,11 +5,14 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from slim.answering.decoding import generate_greedy
 from slim.config import SlimConfig
-from slim.fit import fit_iti, fit_mimic, fit_slim
-from slim.generation import generate_greedy
-from slim.heads import HeadTrace, attention_output_projections
-from slim.interventions import ITIPolicy, MimicPolicy, Policy, SlimPolicy, model_fingerprint
+from slim.models.heads import HeadTrace, attention_output_projections
+from slim.policies.base import Policy, model_fingerprint
+from slim.policies.fit import fit_iti, fit_mimic, fit_slim
+from slim.policies.iti import ITIPolicy
+from slim.policies.mimic import MimicPolicy
+from slim.policies.slim import SlimPolicy
 
 H, D, LAYER = 4, 8, 1
 IDS = torch.tensor([[5, 9, 12, 7, 30, 3], [4, 8, 15, 16, 23, 42]])

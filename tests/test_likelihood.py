@@ -12,11 +12,22 @@ import pytest
 import torch
 
 from conftest import TQA_DIR, make_bpe_tokenizer, random_policy, tiny_model
-from slim.generation import qa_prompt, shared_prefix
-from slim.heads import HeadTrace, model_shape
-from slim.interventions import ITIPolicy, SlimPolicy, model_fingerprint
-from slim.likelihood import CEKL, answer_logprobs, ce_and_kl, forward_logits, load_text_corpus, mc1, mc2, mc_scores
-from slim.prefix import PrefixCache, cache_argument, returned_cache, tokenizer_pad_id
+from slim.answering.likelihood import (
+    CEKL,
+    answer_logprobs,
+    ce_and_kl,
+    forward_logits,
+    load_text_corpus,
+    mc1,
+    mc2,
+    mc_scores,
+)
+from slim.answering.prefix import PrefixCache, cache_argument, returned_cache, tokenizer_pad_id
+from slim.answering.prompts import qa_prompt, shared_prefix
+from slim.models.heads import HeadTrace, model_shape
+from slim.policies.base import model_fingerprint
+from slim.policies.iti import ITIPolicy
+from slim.policies.slim import SlimPolicy
 
 CORPUS = [
     "Q: What is the capital of France?\nA: Paris is the capital of France.",
@@ -191,8 +202,8 @@ def test_mc_scores_from_the_shared_prompt_cache_equal_the_full_prompts(lm):
             assert sorted(widths)[-3] < n_full / 4
             widths.clear()
         # The answers' log-probs themselves, with and without the edit (which does change them).
-        from slim.generation import qa_prompt, shared_prefix
-        from slim.prefix import PrefixCache
+        from slim.answering.prefix import PrefixCache
+        from slim.answering.prompts import qa_prompt, shared_prefix
 
         prompt = qa_prompt(rows["Question"][0]) + "\nA:"
         prefix = PrefixCache.build(model, tokenizer, shared_prefix(), example=prompt)

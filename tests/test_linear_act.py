@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from conftest import make_tokenizer, tiny_model
-from slim.activations import ProbeData
+from slim.answering.decoding import generate_greedy
 from slim.config import ParameterError
-from slim.generation import generate_greedy
-from slim.heads import HeadTrace
-from slim.interventions import Policy, model_fingerprint
-from slim.linear_act import LinearActPolicy, fit_linear_act, linear_act_for_fold
+from slim.data.activations import ProbeData
+from slim.models.heads import HeadTrace
+from slim.policies.base import Policy, model_fingerprint
+from slim.policies.linear_act import LinearActPolicy, fit_linear_act, linear_act_for_fold
 
 PROMPTS = ["Q: What is the capital of France ?", "Q: who was it ? A:"]
 

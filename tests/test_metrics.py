@@ -9,15 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slim.metrics import (
+from slim.evaluation.metrics import (
     degeneracy_rate,
     is_degenerate,
-    load_embedder,
     sem_scores,
     summary_row,
     true_info,
     write_summary,
 )
+from slim.models.embedder import load_embedder
 
 # ---------------------------------------------------------------------------------------------
 # True*Info

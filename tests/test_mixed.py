@@ -1,4 +1,7 @@
-"""The paper's Table 2 arms (slim.mixed): SLIM's intervention on ITI's heads, ITI's intervention on SLIM's layer."""
+"""The paper's Table 2 arms (slim.policies.mixed):
+
+SLIM's intervention on ITI's heads, ITI's intervention on SLIM's layer.
+"""
 
 import json
 from pathlib import Path
@@ -9,18 +12,18 @@ import pytest
 import torch
 
 from conftest import make_tokenizer, tiny_model
-from slim.activations import ProbeData
+from slim.answering.decoding import generate_greedy
 from slim.config import ITIConfig, SlimConfig
-from slim.gaussian_ot import fit_head_map
-from slim.generation import generate_greedy
-from slim.interventions import Policy, model_fingerprint
-from slim.mixed import (
+from slim.data.activations import ProbeData
+from slim.policies.base import Policy, model_fingerprint
+from slim.policies.head_maps import fit_head_map
+from slim.policies.mixed import (
     ITIOnSlimLayerPolicy,
     SlimOnITIHeadsPolicy,
     iti_on_slim_layer_for_fold,
     slim_on_iti_heads_for_fold,
 )
-from slim.stage1 import FoldProbes
+from slim.stage1.fit import FoldProbes
 
 L, H, D = 3, 4, 8  # the tiny Llama's layers, heads, head size
 PROMPTS = ["Q: What is the capital of France ?", "Q: who was it ? A:"]
@@ -235,7 +238,7 @@ def test_iti_on_slim_layer_shifts_are_itis_of_that_layer(fold_data, direction):
 def test_the_script_runs_both_arms_end_to_end(tmp_path):
     from test_scripts import common, eval_flags, run
 
-    from slim.reports import comparison_table
+    from slim.evaluation.reports import comparison_table
 
     model_dir = tmp_path / "tiny_llama"
     tiny_model("llama", vocab_size=len(make_tokenizer())).save_pretrained(model_dir)

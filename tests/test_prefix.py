@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from slim.generation import qa_prompt, shared_prefix
-from slim.likelihood import forward_logits
-from slim.prefix import PrefixCache, left_pad
+from slim.answering.likelihood import forward_logits
+from slim.answering.prefix import PrefixCache, left_pad
+from slim.answering.prompts import qa_prompt, shared_prefix
 
 
 def test_left_pad_puts_padding_after_the_prefix():

@@ -1,4 +1,4 @@
-"""Tests of slim.probes: losses, the batched trainer against the one-probe
+"""Tests of slim.stage1.probes: losses, the batched trainer against the one-probe
 reference, the hand-written gradient, the layer detector and persistence."""
 
 import math
@@ -9,9 +9,17 @@ import pytest
 import torch
 
 from slim.config import LOSS_TYPES, ParameterError, ProbeConfig
-from slim.detector import choose_layer, choose_tau, evaluate_layers, layer_metrics
-from slim.losses import cross_entropy_loss, hard_risk_loss, l2_loss, probe_loss, row_coef, smooth_risk_loss, theta_grad
-from slim.probes import RiskAwareProbes, fit_one_probe, init_weights, load_probes, save_probes
+from slim.stage1.detector import choose_layer, choose_tau, evaluate_layers, layer_metrics
+from slim.stage1.losses import (
+    cross_entropy_loss,
+    hard_risk_loss,
+    l2_loss,
+    probe_loss,
+    row_coef,
+    smooth_risk_loss,
+    theta_grad,
+)
+from slim.stage1.probes import RiskAwareProbes, fit_one_probe, init_weights, load_probes, save_probes
 
 # -----------------------------------------------------------------------------
 # losses on a 4-row, 2-probe example worked out by hand
@@ -195,7 +203,7 @@ def test_last_and_best_checkpoints_differ_when_validation_peaks_early():
 
 
 def test_checkpoint_in_config_tag_and_probe_file(tmp_path):
-    from slim.stage1 import train_fold_probes
+    from slim.stage1.fit import train_fold_probes
 
     assert ProbeConfig().checkpoint == "last"
     last, best = ProbeConfig(epochs=3), ProbeConfig(epochs=3, checkpoint="best")

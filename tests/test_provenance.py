@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, TQA_DIR, make_tokenizer, tiny_model
-from slim.data import load_truthfulqa
-from slim.evaluation import Scorers, evaluate, split_questions
+from slim.data.truthfulqa import load_truthfulqa
+from slim.evaluation.evaluate import Scorers, evaluate, split_questions
+from slim.evaluation.metrics import check_same_judges, read_summary, write_summary
+from slim.evaluation.reports import comparison_table, judges_note
+from slim.evaluation.sweep import main as sweep_main
 from slim.judges import Judge, LocalLMJudge, OfflineJudge, OpenAIJudge, make_judge
-from slim.metrics import check_same_judges, read_summary, write_summary
-from slim.reports import comparison_table, judges_note
-from slim.sweep import main as sweep_main
 
 KEY = "sk-test-DO-NOT-LEAK-777"
 
@@ -138,7 +138,7 @@ def test_the_table_refuses_different_judges_and_notes_unrecorded_ones(tmp_path):
     with pytest.raises(ValueError, match="different truth judges \\(offline@sha256:1111 and offline@sha256:2222\\)"):
         comparison_table([a, b])
     proc = subprocess.run(
-        [sys.executable, "-m", "slim.reports", a, b], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "slim.evaluation.reports", a, b], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith(f"error: {a} and {b} were scored by different truth judges")

@@ -12,15 +12,10 @@ import pytest
 import slim_utils as su
 from conftest import TQA_DIR
 from slim.config import DataConfig, ParameterError, run_config
-from slim.data import (
-    DataUnavailableError,
-    load_truthfulqa,
-    mc_order,
-    probe_texts,
-    questions_and_folds,
-    resolve_question_order,
-)
-from slim.evaluation import split_questions
+from slim.data import probe_texts
+from slim.data.folds import mc_order, questions_and_folds, resolve_question_order
+from slim.data.truthfulqa import DataUnavailableError, load_truthfulqa
+from slim.evaluation.evaluate import split_questions
 
 N = 817
 

@@ -7,8 +7,8 @@ import numpy as np
 import slim
 from conftest import REPO, make_tokenizer, tiny_model
 from slim.config import SlimConfig
-from slim.fit import fit_slim
-from slim.interventions import model_fingerprint
+from slim.policies.base import model_fingerprint
+from slim.policies.fit import fit_slim
 
 
 def readme_example() -> str:

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, TQA_DIR, make_tokenizer, tiny_model
-from slim.paper import BEGIN, END, update_readme
+from slim.paper.index import BEGIN, END, update_readme
 
 
 @pytest.fixture(scope="module")

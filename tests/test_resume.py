@@ -45,7 +45,7 @@ import pandas as pd
 out = Path(sys.argv[1])
 
 from conftest import make_tokenizer, tiny_model
-from slim.activations import cached_head_activations
+from slim.data.activations import cached_head_activations
 
 tokenizer, model = make_tokenizer(), tiny_model("llama")
 texts = [f"Q: What is {w} ? A: It is {w} ." for w in "Paris London yes no seeds France capital Nothing".split()]
@@ -61,14 +61,14 @@ for fold, (train, val) in enumerate([(np.arange(40), np.arange(40, 60)), (np.ara
     train_fold_probes(acts, labels, train, val, ProbeConfig(epochs=3), out / f"probes{fold}.safetensors", "f")
 
 from slim.config import SlimConfig
-from slim.fit import fit_slim
+from slim.policies.fit import fit_slim
 
 for fold in range(3):
     rng = np.random.default_rng(10 + fold)
     X, w, b = rng.standard_normal((200, 2, 5)), rng.standard_normal((2, 5)), np.array([1.0, 0.0])
     fit_slim(X, w, b, 0, 1, SlimConfig(0.1, 1.0), maps_path=out / f"maps{fold}.safetensors", maps_key={"fold": fold})
 
-from slim.generation import answer_questions
+from slim.answering import answer_questions
 
 questions = pd.DataFrame({"question_idx": range(6), "Question": [t.split(" A:")[0][3:] for t in texts[:6]]})
 answer_questions(model, tokenizer, questions, out / "answers.csv", batch_size=2, max_new_tokens=6, progress=False)

@@ -4,11 +4,13 @@ import pandas as pd
 import pytest
 
 from conftest import TQA_DIR
+from slim.answering.answers import answer_questions
+from slim.answering.decoding import generate_greedy
+from slim.answering.prompts import extract_answer, qa_prompt
 from slim.config import ParameterError
-from slim.data import load_truthfulqa
-from slim.generation import answer_questions, extract_answer, generate_greedy, qa_prompt
-from slim.heads import HeadTrace, model_shape
-from slim.models import load_model, resolve_device, resolve_model_name
+from slim.data.truthfulqa import load_truthfulqa
+from slim.models.heads import HeadTrace, model_shape
+from slim.models.loading import load_model, resolve_device, resolve_model_name
 
 
 @pytest.fixture(scope="module")

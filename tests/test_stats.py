@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from slim.reports import paired_differences, paired_markdown
+from slim.evaluation.reports import paired_differences, paired_markdown
 from slim.stats import mean_interval, paired_difference
 
 
@@ -76,7 +76,7 @@ def test_report_gives_paired_differences_per_fold_and_pooled(tmp_path):
 
 
 def test_report_gives_each_method_its_pooled_values_with_intervals(tmp_path):
-    from slim.reports import interval_markdown, interval_table
+    from slim.evaluation.reports import interval_markdown, interval_table
 
     rng = np.random.default_rng(4)
     verdicts = {f: (rng.random(80) < 0.4, rng.random(80) < 0.7) for f in (0, 1)}

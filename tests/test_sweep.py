@@ -1,12 +1,12 @@
-"""Choosing the knob from validation summaries (slim.sweep) and reading it back (`--alpha best`)."""
+"""Choosing the knob from validation summaries (slim.evaluation.sweep) and reading it back (`--alpha best`)."""
 
 import json
 
 import pytest
 
 import slim_utils as su
+from slim.evaluation.sweep import main, select_best
 from slim.layout import RunLayout
-from slim.sweep import main, select_best
 
 
 def summary(path, method, true, info, sem, degeneracy, **knob):

@@ -1,4 +1,4 @@
-"""Table 4's timings (slim.timing, timings.py) on tiny data and the tiny random Llama: fast, offline."""
+"""Table 4's timings (slim.paper.timing, timings.py) on tiny data and the tiny random Llama: fast, offline."""
 
 import json
 import math
@@ -11,10 +11,20 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, TQA_DIR, make_tokenizer, random_policy, tiny_model
-from slim import timing
+from slim.answering.prompts import qa_prompt
 from slim.config import ProbeConfig, SlimConfig
-from slim.generation import qa_prompt
-from slim.models import LoadedModel
+from slim.models.loading import LoadedModel
+from slim.paper.overhead import answer_setup, decode_batch, paired_overhead
+from slim.paper.table4 import device_description
+from slim.paper.timing import (
+    Timing,
+    busiest_head,
+    repeat_timed,
+    time_head_map,
+    time_iti_layer,
+    time_layer_maps,
+    time_layer_probes,
+)
 
 N, L, H, D = 120, 3, 4, 8
 
@@ -34,7 +44,7 @@ def lm():
     return LoadedModel(model, make_tokenizer(), "tiny", model.device)
 
 
-def positive_finite(t: timing.Timing, n: int):
+def positive_finite(t: Timing, n: int):
     assert t.n == n and t.unit == "s"
     assert all(math.isfinite(v) and v > 0 for v in t.values)
     assert t.min <= t.median <= t.max
@@ -42,30 +52,30 @@ def positive_finite(t: timing.Timing, n: int):
 
 def test_component_timings_are_positive_and_describe_what_ran(acts):
     X, labels, train, val = acts
-    t = timing.time_layer_probes(X, labels, train, val, layer=1, cfg=ProbeConfig(epochs=5), repeats=2)
+    t = time_layer_probes(X, labels, train, val, layer=1, cfg=ProbeConfig(epochs=5), repeats=2)
     positive_finite(t, 2)
     assert (t.meta["heads"], t.meta["train_rows"], t.meta["val_rows"], t.meta["epochs"]) == (H, 80, 40, 5)
 
     acts_layer = X[:, 1].astype(np.float32)
     rng = np.random.default_rng(1)
     weight, bias = rng.standard_normal((H, D)), np.zeros(H)
-    head = timing.busiest_head(acts_layer, weight, bias)
+    head = busiest_head(acts_layer, weight, bias)
     flagged = (np.einsum("nhd,hd->nh", acts_layer, weight) > 0).sum(0)
     assert flagged[head] == flagged.max()
     cfg = SlimConfig(gamma=0.1, kappa=40.0)
-    t = timing.time_head_map(acts_layer, weight, bias, head, cfg, repeats=3)
+    t = time_head_map(acts_layer, weight, bias, head, cfg, repeats=3)
     positive_finite(t, 3)
     assert t.meta["head"] == head and t.meta["flagged_rows"] == flagged[head] and t.meta["status"]
-    t = timing.time_layer_maps(acts_layer, weight, bias, cfg, repeats=1)
+    t = time_layer_maps(acts_layer, weight, bias, cfg, repeats=1)
     positive_finite(t, 1)
     assert t.meta["heads"] == H
 
-    t = timing.time_iti_layer(X, 1 - labels, train, val, layer=2, repeats=1)
+    t = time_iti_layer(X, 1 - labels, train, val, layer=2, repeats=1)
     positive_finite(t, 1)
     assert t.meta["heads"] == H and t.meta["layer"] == 2
 
     with pytest.raises(ValueError, match="repeats"):
-        timing.repeat_timed(lambda: None, repeats=0)
+        repeat_timed(lambda: None, repeats=0)
 
 
 def test_overhead_answers_the_same_questions_both_ways_in_alternating_pairs(lm):
@@ -74,10 +84,10 @@ def test_overhead_answers_the_same_questions_both_ways_in_alternating_pairs(lm):
 
     def spy(lm_, batch, edit, *rest):
         calls.append((tuple(batch), edit is None))
-        return timing.decode_batch(lm_, batch, edit, *rest)
+        return decode_batch(lm_, batch, edit, *rest)
 
     policy = random_policy("slim", lm.model, kappa=0.0)  # computes the whole edit, moves nothing
-    result = timing.paired_overhead(lm, prompts, policy, batch_size=2, max_new_tokens=3, repeats=2, decode=spy)
+    result = paired_overhead(lm, prompts, policy, batch_size=2, max_new_tokens=3, repeats=2, decode=spy)
 
     # warm-up: every batch plain, then every batch edited; then 2 repeats x 2 batches of back-to-back pairs
     assert len(calls) == 2 * 2 + 2 * 2 * 2
@@ -98,13 +108,13 @@ def test_overhead_answers_the_same_questions_both_ways_in_alternating_pairs(lm):
     assert result.firing_rate == 1.0  # tau 0: fires everywhere
 
     # the pipeline's path: shared-prompt cache and stop at the answer, rows leaving the batch
-    prefix, stop = timing.answer_setup(lm, pd.DataFrame({"Question": ["Where is Paris ?"]}))
-    result = timing.paired_overhead(lm, prompts, policy, 3, 3, 1, prefix=prefix, stop_at_answer=stop)
+    prefix, stop = answer_setup(lm, pd.DataFrame({"Question": ["Where is Paris ?"]}))
+    result = paired_overhead(lm, prompts, policy, 3, 3, 1, prefix=prefix, stop_at_answer=stop)
     assert len(result.pairs) == 1 and result.same == 3
 
 
 def test_device_description_names_the_hardware():
-    text = timing.device_description("cpu")
+    text = device_description("cpu")
     assert text.startswith("CPU: ") and "torch threads: " in text
 
 

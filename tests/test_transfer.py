@@ -15,11 +15,11 @@ from test_scripts import run
 
 from conftest import REPO, HashEmbedder, LengthJudge, make_tokenizer, random_policy, tiny_model
 from slim.config import EvalConfig
-from slim.evaluation import Scorers, evaluate_method
-from slim.interventions import Policy
+from slim.evaluation.evaluate import Scorers, evaluate_method
 from slim.layout import RunLayout, method_name
-from slim.models import LoadedModel
-from slim.transfer import TransferUnavailable, data_key, gold_match, load_nq_open, normalize_answer
+from slim.models.loading import LoadedModel
+from slim.paper.nq_open import TransferUnavailable, data_key, gold_match, load_nq_open, normalize_answer
+from slim.policies.base import Policy
 
 NQ = [
     ("where is the capital of france", ["Paris"]),

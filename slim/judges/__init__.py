@@ -18,34 +18,14 @@ Modules:
 Public API: `make_judge(name, kind)` and `.score(questions, answers)`.
 """
 
-from .base import (
-    KIND_SUFFIX,
-    THRESHOLD,
-    Judge,
-    JudgeUnavailableError,
-    default_cache_dir,
-    judge_identity,
-    judge_prompt,
-    make_judge,
-)
+from .base import KIND_SUFFIX, THRESHOLD, Judge, JudgeUnavailableError, default_cache_dir, judge_identity, judge_prompt
 from .card import agreement, calibration_error, card_row, mean_interval, paired_shifts
+from .factory import make_judge
+from .features import FEATURE_NAMES, FEATURE_VERSION, REFUSAL_RE, EmbeddingStore, JudgeFeatures
+from .labels import LABEL_COLUMNS, References, judge_labels_path, load_judge_data, load_judge_labels, load_references
 from .local import LocalLMJudge, yes_token_id
-from .offline import (
-    FEATURE_NAMES,
-    FEATURE_VERSION,
-    LABEL_COLUMNS,
-    REFUSAL_RE,
-    EmbeddingStore,
-    JudgeFeatures,
-    OfflineJudge,
-    References,
-    TinyMLP,
-    judge_labels_path,
-    load_judge_data,
-    load_judge_labels,
-    load_references,
-    question_fold,
-)
+from .mlp import TinyMLP
+from .offline import OfflineJudge, question_fold
 from .openai import OpenAIJudge, p_yes_from_top_logprobs
 
 __all__ = [

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..models import cache_root
+from ..models.loading import cache_root
 
 KIND_SUFFIX = {"truth": "True:", "info": "Helpful:"}
 THRESHOLD = 0.5
@@ -110,59 +109,3 @@ def judge_identity(judge) -> str:
     """`judge.identity`, or the judge's name (any object that scores without being a Judge)."""
     identity = getattr(judge, "identity", None)
     return str(identity) if identity else str(getattr(judge, "name", type(judge).__name__))
-
-
-# ---------------------------------------------------------------------------------------------
-# factory
-
-
-def make_judge(name: str, kind: str, *, tqa_dir=None, device: str = "cpu", cache_dir=None, **kw) -> Judge:
-    """A judge from its name.
-
-    Back ends:
-        "offline"              OfflineJudge (slim.judges.offline): trained here on TruthfulQA's labelled
-                               judge data (finetune_truth/info.jsonl) and the project's labelled answers
-                               of its own model (data/judge-labels), with sentence-embedding and
-                               reference features; cross-fitted by question.
-        "offline-human"        the same trained on TruthfulQA's human labels only.
-        "local:<id-or-folder>" LocalLMJudge (slim.judges.local): a transformers causal LM judge (e.g. the
-                               public Llama-2-7B truth/info judges), P(" yes") from its next-token softmax.
-        "openai:<model>"       OpenAIJudge (slim.judges.openai): a completions-API model, as the paper's
-                               --judge_name / --info_name (fine-tuned davinci-002 names).
-        any other bare name    the same as "openai:<name>" (the paper's flags take bare model names);
-                               a bare name that looks like a hub id or folder ("org/name", an existing
-                               path) is refused, so a local model is never sent to the API by mistake.
-
-    Keyword arguments go to the back end that takes them: tqa_dir and
-    cache_dir to "offline", device to "local:", cache_dir (a folder holding
-    openai-<model>.json) and OpenAIJudge's options to the API judge.
-    """
-    _check_kind(kind)
-    if not name or not name.strip():
-        raise ValueError("empty judge name: use 'offline', 'local:<hub-id-or-folder>' or 'openai:<model>'.")
-    name = name.strip()
-    if name in ("offline", "offline-human"):
-        from .offline import OfflineJudge
-
-        if name == "offline-human":
-            kw["answer_labels"] = False
-        return OfflineJudge(kind, tqa_dir=tqa_dir, cache_dir=cache_dir, **kw)
-    if name.startswith("local:"):
-        from .local import LocalLMJudge
-
-        return LocalLMJudge(name[len("local:") :], kind, device=device, **kw)
-    if name.startswith("openai:"):
-        model = name[len("openai:") :]
-    elif "/" in name or os.path.exists(name):
-        raise ValueError(
-            f"judge {name!r} looks like a hub id or folder: write local:{name} for a transformers "
-            f"judge or openai:{name} for an API model."
-        )
-    else:
-        model = name  # the paper's --judge_name: a (fine-tuned) completions model
-    if cache_dir is not None and "cache_path" not in kw:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
-        kw["cache_path"] = Path(cache_dir) / f"openai-{slug}.json"
-    from .openai import OpenAIJudge
-
-    return OpenAIJudge(model, kind, **kw)

@@ -6,7 +6,7 @@
     paired_shifts(table, ...)            each method's change from the unintervened answers on the same
                                          questions, by the labels and by the judge, with 95 % intervals
 
-benchmarks/eval_judges.py prints the card; slim.audit uses `agreement`.
+benchmarks/eval_judges.py prints the card; slim.judges.audit uses `agreement`.
 """
 
 from __future__ import annotations

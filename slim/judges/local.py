@@ -107,7 +107,7 @@ class LocalLMJudge(Judge):
     def score(self, questions: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         import torch
 
-        from ..likelihood import forward_logits, tokenizer_pad_id
+        from ..answering.likelihood import forward_logits, tokenizer_pad_id
 
         questions, answers = self._pairs(questions, answers)
         seqs = [list(self.tokenizer(judge_prompt(q, a, self.kind))["input_ids"]) for q, a in zip(questions, answers)]

@@ -1,0 +1,153 @@
+"""The key/value cache of a prompt prefix every question shares, computed once and reused.
+
+Every TruthfulQA prompt is the same instruction and six-shot primer (~240
+tokens) followed by a short question, so most of each prompt's forward pass
+is the same work. `PrefixCache.build` runs the shared text once (batch 1, no
+edit attached) and keeps its cache; `expand(batch)` hands each batch a copy,
+and only the rows' own tokens are run on top of it.
+
+Rows of different lengths are left padded *after* the prefix:
+
+    [ shared prefix (P) | pad pad | row's own tokens ]      attention mask 1..1 0 0 1..1
+
+with position ids P, P+1, ... on the row's own tokens, which is exactly what
+the row would see as one unpadded prompt. A row whose tokens do not start
+with the prefix's tokens (a merge across the boundary) is run from its full
+prompt instead (`PrefixCache.matches`).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+
+import torch
+
+from ..models.heads import left_padded_positions
+
+__all__ = ["PrefixCache", "cache_argument", "left_pad", "returned_cache", "tokenizer_pad_id"]
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_pad_id(tokenizer) -> int:
+    """The id padding uses (masked out, so any id works): the pad token, else end of sequence, else 0."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return 0 if pad is None else int(pad)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, past: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids (batch, seq), attention mask (batch, past + seq) and position ids (batch, seq).
+
+    `past` tokens (a shared prefix already in the cache) come before every
+    row: the mask covers them, and each row's positions start at `past` on
+    its first real token.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    positions = left_padded_positions(mask) + past
+    if past:
+        mask = torch.cat([torch.ones((len(seqs), past), dtype=torch.long), mask], dim=1)
+    return ids, mask, positions
+
+
+def cache_argument(model) -> str | None:
+    """The name `model.forward` takes a key/value cache by: `cache` (transformers 5), `past_key_values` (4.x)."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def returned_cache(output):
+    """The key/value cache a forward pass returned (`cache` in transformers 5, `past_key_values` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+class PrefixCache:
+    """Token ids of a shared prompt prefix and the model's key/value cache after it (batch 1, unedited)."""
+
+    def __init__(self, ids: list[int], cache):
+        self.ids = list(ids)
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, tokenizer, text: str, example: str | None = None) -> "PrefixCache | None":
+        """The cache of `text` (tokenized as the start of a prompt), or None with a one-line notice if the model
+        cannot continue from a cache with explicit positions and a padded mask (then prompts run in full).
+
+        `example`: a whole prompt starting with `text`; its next-token logits from the cache are checked
+        against a plain forward pass of it, so an attention implementation that mishandles the cache is
+        caught here rather than in the answers.
+        """
+        why = None
+        params = inspect.signature(model.forward).parameters
+        if cache_argument(model) is None or not {"position_ids", "attention_mask"} <= set(params):
+            why = "its forward takes no cache or no position_ids"
+        ids = list(tokenizer(text)["input_ids"])
+        if why is None and not ids:
+            why = "the shared prefix has no tokens"
+        if why is None:
+            device = model.get_input_embeddings().weight.device
+            input_ids = torch.tensor([ids], device=device)
+            try:
+                out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=True)
+                cache = returned_cache(out)
+            except (TypeError, ValueError, NotImplementedError, RuntimeError) as err:
+                cache, why = None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            if why is None and not all(
+                callable(getattr(cache, m, None)) for m in ("batch_repeat_interleave", "batch_select_indices")
+            ):
+                why = f"its cache ({type(cache).__name__}) cannot be copied per row"
+        if why is None and example is not None:
+            why = cls(ids, cache)._disagrees(model, list(tokenizer(example)["input_ids"]))
+        if why is not None:
+            log.warning("shared-prompt cache off for %s (%s): prompts run in full.", type(model).__name__, why)
+            return None
+        return cls(ids, cache)
+
+    def _disagrees(self, model, seq: list[int]) -> str | None:
+        """Why the cached and the plain forward pass of `seq` differ, or None when they agree."""
+        if not self.matches(seq):
+            return None  # such a prompt runs in full anyway
+        device = model.get_input_embeddings().weight.device
+        full = torch.tensor([seq], device=device)
+        plain = model(input_ids=full, attention_mask=torch.ones_like(full)).logits[0, -1].float()
+        # Two rows, the first padded, so the check covers the padded mask as well as the cache.
+        ids, mask, positions = left_pad([seq[len(self) : -1], seq[len(self) :]], 0, past=len(self))
+        cached = (
+            model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                **{cache_argument(model): self.expand(2)},
+            )
+            .logits[1, -1]
+            .float()
+        )
+        # Rounding differs between the two ways of computing the same thing; 16-bit weights round coarser.
+        tol = 1e-3 if plain.dtype == torch.float32 and model.dtype == torch.float32 else 5e-2
+        gap = float((plain - cached).abs().max())
+        if plain.argmax() != cached.argmax() or gap > tol * float(plain.std()):
+            return f"cached logits differ from the full prompt's by {gap:.3g}"
+        return None
+
+    def matches(self, seq: list[int]) -> bool:
+        """Whether `seq` starts with the prefix's tokens and has at least one token of its own."""
+        n = len(self.ids)
+        return len(seq) > n and list(seq[:n]) == self.ids
+
+    def expand(self, batch: int):
+        """A fresh copy of the cache for `batch` rows (the model extends it in place)."""
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(batch)
+        return cache

@@ -1,0 +1,361 @@
+"""Answering and scoring, the same for every method (unintervened, ITI, SLIM, MiMiC).
+
+`evaluate_method` answers each fold's test (or validation) questions with that
+fold's policy attached, scores the answers with the run's judges and embedder,
+and writes one summary (per-fold rows and their mean) with the run's whole
+configuration beside it. Same questions, prompt, decoding, judges and metrics
+for every method, so the comparison is fair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from ..config import EvalConfig, ParameterError
+from ..io import write_csv, write_json
+from ..layout import RunLayout, method_name
+from ..models.heads import EditFactory
+
+__all__ = [
+    "Scorers",
+    "load_scorers",
+    "evaluate",
+    "evaluate_method",
+    "fold_average",
+    "format_row",
+    "MethodResult",
+    "evaluate_methods",
+    "policy_folder",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Scorers:
+    """Judges and embedder shared by every method of a run."""
+
+    truth_judge: object
+    info_judge: object
+    embedder: object
+    judge_names: tuple[str, str]
+    embedder_name: str
+
+
+def load_scorers(judge_name: str, info_name: str, embedder_name: str, tqa_dir=None, device="cpu") -> Scorers:
+    from ..judges import make_judge
+    from ..models.embedder import load_embedder
+
+    truth = make_judge(judge_name, "truth", tqa_dir=tqa_dir, device=device)
+    info = make_judge(info_name, "info", tqa_dir=tqa_dir, device=device)
+    return Scorers(truth, info, load_embedder(embedder_name), (judge_name, info_name), embedder_name)
+
+
+def scored_path(answers_csv: Path) -> Path:
+    """Where the scored copy of an answer file goes: `<answers>_scored.csv` beside it."""
+    return answers_csv.with_name(answers_csv.stem + "_scored.csv")
+
+
+def _metrics_key(answers_csv: Path, questions: pd.DataFrame, likelihood_edit: str, tqa_dir) -> dict | None:
+    """What decides a run's likelihood metrics: the answers' source record (model, policy digest, prompt, length;
+    written by answer_questions), the questions asked, where the edit acts, the corpus folder. None without a
+    source record (nothing is cached then)."""
+    from ..answering.answers import source_path
+
+    try:
+        source = json.loads(source_path(answers_csv).read_text())
+    except (OSError, ValueError):
+        return None
+    ids = ",".join(map(str, sorted(questions["question_idx"].tolist())))
+    return {
+        "source": source,
+        "questions": hashlib.sha256(ids.encode()).hexdigest(),
+        "likelihood_edit": likelihood_edit,
+        "tqa_dir": None if tqa_dir is None else str(tqa_dir),
+    }
+
+
+def _read_metrics_cache(path: Path, key: dict | None) -> dict:
+    """The cached metrics made under `key`; {} when there are none, they were made otherwise, or the file is
+    damaged (then with one warning: they are computed again)."""
+    if key is None or not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("metrics"), dict):
+            raise ValueError("no metrics")
+    except ValueError as err:
+        warnings.warn(f"{path} is damaged ({err}): its metrics are computed again.", stacklevel=2)
+        return {}
+    return dict(saved["metrics"]) if saved.get("key") == key else {}
+
+
+def _write_metrics_cache(path: Path, key: dict | None, metrics: dict) -> None:
+    if key is not None:
+        write_json(path, {"key": key, "metrics": metrics})
+
+
+def evaluate(
+    lm,
+    questions: pd.DataFrame,
+    edit: EditFactory | None,
+    method: str,
+    params: dict,
+    fold: int,
+    split: str,
+    answers_csv: Path,
+    scorers: Scorers,
+    batch_size: int = 64,
+    max_new_tokens: int = 50,
+    mc: bool = False,
+    ce_kl: bool = False,
+    tqa_dir=None,
+    prefix_cache: bool = True,
+    stop_at_answer: bool = True,
+    scored_csv: Path | None = None,
+    answer_rule: str = "published",
+    likelihood_edit: str = "every",
+) -> dict:
+    """Answer `questions` with `edit` active, then score the answers: one summary row.
+
+    The answers go to `answers_csv` (resumed if it exists), the scored answers to `scored_csv`
+    (default: beside it, `<answers>_scored.csv`)."""
+    from ..answering.answers import answer_questions
+    from ..answering.likelihood import ce_and_kl, load_text_corpus, mc_scores
+    from ..judges import judge_identity
+    from .metrics import degeneracy_rate, sem_scores, summary_row, true_info
+
+    counts = getattr(edit, "reset_counts", None)
+    if callable(counts):
+        counts()  # SLIM: count the decoded positions at which its detector fires
+    answers = answer_questions(
+        lm.model,
+        lm.tokenizer,
+        questions,
+        answers_csv,
+        edit=edit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        prefix_cache=prefix_cache,
+        stop_at_answer=stop_at_answer,
+        answer_rule=answer_rule,
+    )
+    by_idx = questions.set_index("question_idx")
+    qs = answers["question"].tolist()
+    ans = answers["answer"].tolist()
+    truth = scorers.truth_judge.score(qs, ans)
+    info = scorers.info_judge.score(qs, ans)
+    refs = by_idx.loc[answers["question_idx"]]
+    _, sem = sem_scores(scorers.embedder, ans, refs["Correct Answers"].tolist(), refs["Incorrect Answers"].tolist())
+    answers = answers.assign(truth_score=truth, info_score=info)
+    write_csv(answers, scored_csv or scored_path(answers_csv))
+    metrics = {
+        **true_info(truth > 0.5, info > 0.5),
+        "sem": sem,
+        "degeneracy": degeneracy_rate(ans),
+        # share of the positions decoded in this run (not those of answers read back) where SLIM's layer fired
+        **({"firing_rate": edit.firing_rate()} if callable(counts) else {}),
+        "n_questions": len(answers),
+    }
+    # MC1/MC2, CE/KL and the firing rate are kept beside the answers, keyed by what made them, so a rerun that
+    # reads every answer back recomputes none of them (and still reports the rate its decoding measured)
+    cache_path = answers_csv.with_name(answers_csv.stem + ".metrics.json")
+    key = _metrics_key(answers_csv, questions, likelihood_edit, tqa_dir)
+    cached = _read_metrics_cache(cache_path, key)
+    before = dict(cached)
+    if callable(counts):
+        if metrics["firing_rate"] is None:  # nothing decoded in this run: the rate measured when it was
+            metrics["firing_rate"] = cached.get("firing_rate")
+        else:
+            cached["firing_rate"] = metrics["firing_rate"]
+    if mc:
+        if "mc" not in cached:
+            cached["mc"] = mc_scores(
+                lm.model, lm.tokenizer, questions, edit=edit, prefix_cache=prefix_cache, edit_at=likelihood_edit
+            )
+            _write_metrics_cache(cache_path, key, cached)  # minutes of work: kept before CE/KL starts
+            before = dict(cached)
+        metrics.update(cached["mc"])
+    if ce_kl:  # the unintervened model gets its CE and a KL of 0
+        if "ce_kl" not in cached:
+            texts, corpus = load_text_corpus(tqa_dir=tqa_dir)
+            result = ce_and_kl(lm.model, lm.tokenizer, texts, edit=edit, edit_at=likelihood_edit)
+            cached["ce_kl"] = {"ce": float(result.ce), "kl": float(result.kl), "ce_kl_corpus": corpus}
+        metrics.update(cached["ce_kl"])
+    if cached != before:  # a rerun that read everything back writes nothing
+        _write_metrics_cache(cache_path, key, cached)
+    return summary_row(
+        method,
+        {
+            **params,
+            "judge": scorers.judge_names[0],
+            "info_judge": scorers.judge_names[1],
+            "judge_id": judge_identity(scorers.truth_judge),  # name and weights hash: see slim.judges.base
+            "info_judge_id": judge_identity(scorers.info_judge),
+            "embedder": scorers.embedder_name,
+        },
+        fold,
+        split,
+        **metrics,
+    )
+
+
+def fold_average(rows: list[dict]) -> dict:
+    """Mean of the numeric metrics over folds (fold = 'mean'), other fields from the first row."""
+    df = pd.DataFrame(rows)
+    out = dict(rows[0])
+    for col in df.columns:
+        if col not in ("fold",) and pd.api.types.is_numeric_dtype(df[col]):
+            out[col] = float(df[col].mean())
+    out["fold"] = "mean"
+    out.pop("scored_answers", None)  # one file per fold: the fold rows name theirs
+    return out
+
+
+def format_row(row: dict) -> str:
+    return (
+        f"{row['method']:<12} fold {row['fold']!s:<4} {row['split']:<4} n={int(row['n_questions']):<4} "
+        f"True*Info {row['true_info']:6.2f}  True {row['true']:6.2f}  Info {row['info']:6.2f}  "
+        f"SEM {row['sem']:.3f}  degenerate {row['degeneracy']:.3f}"
+    )
+
+
+def split_questions(df: pd.DataFrame, split_idx: np.ndarray, max_questions: int | None) -> pd.DataFrame:
+    """The questions of a split in CSV order, with question_idx: all, or the first `max_questions` in the split's own
+    order (the run's question order, which mixes question types; the CSV's first 409 are all Adversarial)."""
+    idx = np.sort(np.asarray(split_idx)[:max_questions] if max_questions else np.asarray(split_idx))
+    out = df.loc[idx].copy()  # df is indexed by CSV row: a question subset (n_questions) need not be 0..N-1
+    out.insert(0, "question_idx", idx)
+    return out
+
+
+def policy_folder(edit, layout: RunLayout, name: str, fold: int) -> Path | None:
+    """The folder (absolute) holding a fold's policy: where it was saved or loaded from (`Policy.folder_`), else it
+    is saved now under `<out_dir>/policies/<tag>/<run name>_fold<k>`. None for no edit or an edit that is not a
+    Policy."""
+    if edit is None or not callable(getattr(edit, "save", None)) or not callable(getattr(edit, "digest", None)):
+        return None
+    folder = getattr(edit, "folder_", None)
+    if folder is None:
+        folder = edit.save(layout.out_dir / "policies" / layout.tag / f"{name}_fold{fold}")
+    return Path(folder).resolve()  # the config is read from other folders (transfer.py)
+
+
+@dataclass
+class MethodResult:
+    rows: list[dict]  # one per scored fold
+    mean: dict  # their fold mean
+    summary_json: Path  # rows + mean; .csv beside it, and .config.json with the run's configuration
+
+
+def evaluate_method(
+    lm,
+    questions: pd.DataFrame,
+    folds: list[dict],
+    method: str,
+    params: dict,
+    edit_for_fold: Callable[[int], EditFactory | None],
+    scorers: Scorers,
+    cfg: EvalConfig,
+    layout: RunLayout,
+    config: dict | None = None,
+    tqa_dir=None,
+    on_row: Callable[[dict], None] | None = None,
+) -> MethodResult:
+    """Answer and score every fold's split (or only `cfg.fold`) with `edit_for_fold(fold)` attached.
+
+    Writes the answers, the summary (per-fold rows and their mean, CSV and
+    JSON) and, beside it, `config` (the whole run's settings) as
+    `<summary>.config.json`, with `policy_dirs` ({fold: folder}) and
+    `policy_digests` ({fold: Policy.digest()}) of the folds whose edit is a
+    saveable policy (`policy_folder`; the unintervened model records none).
+    `on_row(row)` is called as each row is ready.
+    """
+    if cfg.fold is not None and cfg.fold >= len(folds):
+        raise ParameterError("fold", f"must lie in 0..{len(folds) - 1}, got {cfg.fold}.")
+    from .metrics import write_summary
+
+    name = method_name(method, params)
+    rows = []
+    policy_dirs, policy_digests = {}, {}
+    for fold, split in enumerate(folds):
+        if cfg.fold is not None and fold != cfg.fold:
+            continue
+        qs = split_questions(questions, split[cfg.use_mode], cfg.max_questions)
+        edit, answered_by = edit_for_fold(fold), name
+        folder = policy_folder(edit, layout, name, fold)
+        if folder is not None:  # where the fold's policy lives, for later use (transfer.py reads it)
+            policy_dirs[str(fold)], policy_digests[str(fold)] = str(folder), edit.digest()
+        if getattr(edit, "moves_nothing", False):
+            # e.g. SLIM at kappa 0: its answers are the unintervened model's, token for token (tested), so
+            # the unintervened answers are read or written instead of answering the same questions again.
+            edit, answered_by = None, "baseline"
+        answers_csv = layout.answers(answered_by, fold, cfg.use_mode, cfg.max_questions)
+        scored_csv = scored_path(layout.answers(name, fold, cfg.use_mode, cfg.max_questions))
+        row = evaluate(
+            lm,
+            qs,
+            edit,
+            method,
+            params,
+            fold,
+            cfg.use_mode,
+            answers_csv,
+            scorers,
+            batch_size=cfg.batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            mc=cfg.mc,
+            ce_kl=cfg.ce_kl,
+            tqa_dir=tqa_dir,
+            prefix_cache=cfg.prefix_cache,
+            stop_at_answer=cfg.stop_at_answer,
+            scored_csv=scored_csv,
+            answer_rule=cfg.answer_rule,
+            likelihood_edit=cfg.likelihood_edit,
+        )
+        row["answers_of"] = answered_by
+        row["scored_answers"] = str(scored_csv)  # per-question verdicts: paired intervals (slim.evaluation.reports)
+        row["model"] = layout.model
+        row["run"] = layout.tag
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    mean = fold_average(rows)
+    stem = layout.summary_stem(name, cfg.use_mode, cfg.max_questions, cfg.fold)
+    summary_json = Path(f"{stem}.json")
+    write_summary(rows + [mean], Path(f"{stem}.csv"), summary_json)
+    policies = {"policy_dirs": policy_dirs, "policy_digests": policy_digests} if policy_dirs else {}
+    write_json(Path(f"{stem}.config.json"), {"method": method, "params": params, **(config or {}), **policies})
+    if on_row:
+        on_row(mean)
+    return MethodResult(rows, mean, summary_json)
+
+
+def evaluate_methods(
+    lm,
+    questions: pd.DataFrame,
+    folds: list[dict],
+    runs: list[tuple[str, dict, dict]],
+    cfg: EvalConfig,
+    layout: RunLayout,
+    config: dict | None = None,
+    tqa_dir=None,
+    on_row: Callable[[dict], None] | None = None,
+) -> list[MethodResult]:
+    """`evaluate_method` for each (method, params, {fold: policy}) of `runs`, all scored by the same judges."""
+    scorers = load_scorers(cfg.judge_name, cfg.info_name, cfg.embedder, tqa_dir)
+    return [
+        evaluate_method(
+            lm, questions, folds, method, params, policies.get, scorers, cfg, layout, config, tqa_dir, on_row
+        )
+        for method, params, policies in runs
+    ]
