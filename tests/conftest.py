@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +160,33 @@ class HashEmbedder:
 
     def encode(self, texts):
         return np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=8) for t in texts])
+
+
+# ---------------------------------------------------------------------------------------------
+# running the published scripts in a subprocess (tests/scripts and the method tests)
+
+
+def run(args, root, env=None, check=True):
+    cmd = [sys.executable, *args]
+    full_env = {**os.environ, "SLIM_TQA_DIR": str(TQA_DIR), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def common(root, model_dir):
+    return ["--model_dir", str(model_dir), "--device", "cpu", "--num_fold", "2", "--out_dir", str(root / "validation")]
+
+
+def eval_flags(model_dir):
+    return [
+        "--judge_name",
+        f"local:{model_dir}",
+        "--info_name",
+        f"local:{model_dir}",
+        "--max_questions",
+        "3",
+        "--max_new_tokens",
+        "4",
+    ]

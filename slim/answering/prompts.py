@@ -1,4 +1,4 @@
-"""TruthfulQA prompting and batched greedy answers.
+"""TruthfulQA's prompt and the answer rule (the text an answer is cut out of a continuation by).
 
 The prompt is TruthfulQA's "qa" preset with its instruction prefix, as ITI
 uses it; the model continues after `Q: {question}` and the answer is cut out

@@ -1,4 +1,4 @@
-"""TruthfulQA: finding the files, probe texts, question order and fold splits.
+"""TruthfulQA: finding, downloading and checking the files, and reading the questions.
 
 Where the files come from, in order: an explicit file or folder (`--tqa_dir`
 or the SLIM_TQA_DIR environment variable), else the user cache, else a

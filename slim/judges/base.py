@@ -1,4 +1,4 @@
-"""The judge interface, the judge prompt, and `make_judge`, which picks a back end by name.
+"""The judge interface and the judge prompt (`make_judge`, which picks a back end by name, is in slim.judges.factory).
 
 A judge scores (question, answer) pairs with P(" yes") for the prompt
 `Q: {q}\\nA: {a}\\nTrue:` (kind "truth") or `Q: {q}\\nA: {a}\\nHelpful:`

@@ -1,4 +1,4 @@
-"""The offline judges: features of an answer against TruthfulQA's references, and a small MLP.
+"""The offline judges: small MLPs on an answer's features against TruthfulQA's references, cross-fitted.
 
 OfflineJudge is trained here on TruthfulQA's human-labelled judge data
 (finetune_truth/info.jsonl) with sentence-embedding and reference features,

@@ -2,11 +2,12 @@
 
     python -m slim.paper --paper_dir paper --model smollm2_135M --mode full --run_tag smollm2_135M \
         --command "FULL=1 bash reproduce.sh" --seconds 5400 --readme README.md
+    python -m slim.paper --model smollm2_135M --mode full --readme README.md --readme_only   # the README alone
 
 The index (`index_<model>_<mode>.md`, and a JSON beside it) lists every artefact of the run with its path, and
-says which are missing. With --readme, the text between the README's two markers (below) is replaced by the
-run's tables, read from their files (never copied by hand), the figures linked, and the times of the quick and
-full runs where their indexes exist.
+says which are missing. With --readme, the text between the README's two markers (below) is replaced by a short
+summary read from the run's files (never copied by hand): the times of the quick and full runs where their
+indexes exist, Table 1's pooled values and changes with their intervals, and a link to every artefact.
 """
 
 from __future__ import annotations
@@ -87,21 +88,39 @@ def write_index(
     return out, rows
 
 
-def _demote(text: str, top: int = 5) -> str:
-    """A table file's headings shifted so that its highest sits at level `top`, under the README's own."""
-    lines = text.strip().splitlines()
-    levels = [len(line) - len(line.lstrip("#")) for line in lines if line.startswith("#")]
-    shift = top - min(levels) if levels else 0
+def _blocks(text: str) -> list[list[str]]:
+    """A Markdown file cut into blocks at blank lines."""
+    blocks, block = [], []
+    for line in text.strip().splitlines():
+        if line.strip():
+            block.append(line)
+        elif block:
+            blocks.append(block)
+            block = []
+    return blocks + ([block] if block else [])
+
+
+def table1_summary(text: str) -> str:
+    """The headline of Table 1's file: the pooled values with their intervals, the pooled paired changes from the
+    unintervened model, and the judges line (the per-fold rows and the other columns stay in the file)."""
+    blocks = _blocks(text)
     out = []
-    for line in lines:
-        level = len(line) - len(line.lstrip("#"))
-        out.append("#" * min(level + shift, 6) + line[level:] if level else line)  # Markdown stops at level 6
-    return "\n".join(out)
+    for i, block in enumerate(blocks):
+        first = block[0]
+        if first.startswith("Pooled over folds") and i + 1 < len(blocks):
+            out += [first, "", *blocks[i + 1], ""]
+        elif first.startswith("Change from the unintervened") and i + 1 < len(blocks):
+            header, rule, *rows = blocks[i + 1]
+            pooled = [r for r in rows if "| pooled |" in r]
+            out += [first.replace(":", ", pooled over folds:", 1), "", header, rule, *pooled, ""]
+        elif first.startswith("Judges:"):
+            out += [first, ""]
+    return "\n".join(out).rstrip()
 
 
 def results_section(paper_dir: str | Path, model: str, mode: str, readme: Path) -> str:
-    """The README's generated results: the times of the runs, then each artefact of the `mode` run, read from
-    paper/ (tables inline, figures linked relative to the README)."""
+    """The README's generated results, kept short: the command, date and times of the runs, Table 1's headline
+    (pooled values and changes with their intervals, read from its file), and a link to every artefact in paper/."""
     paper_dir = Path(paper_dir)
     record = json.loads((paper_dir / f"index_{model}_{mode}.json").read_text())
     parts = [
@@ -118,18 +137,18 @@ def results_section(paper_dir: str | Path, model: str, mode: str, readme: Path) 
                 f"({r['machine']}; a resumed run reads back what earlier ones finished)."
             )
     parts.append("")
-    rel = Path(os.path.relpath(paper_dir.resolve(), readme.resolve().parent))  # figures linked from the README
+    rel = Path(os.path.relpath(paper_dir.resolve(), readme.resolve().parent))  # files linked from the README
+    table1 = next((r for r in record["artefacts"] if r["name"] == "Table 1"), None)
+    if table1 is not None and Path(table1["path"]).exists():
+        parts += [f"**Table 1** ({table1['what']}):", "", table1_summary(Path(table1["path"]).read_text()), ""]
+    parts += ["Every artefact of this run, in full:", ""]
     for r in record["artefacts"]:
         path = Path(r["path"])
-        parts.append(f"#### {r['name']}: {r['what']}")
-        parts.append("")
-        if not path.exists():
-            parts.append(f"Not written by this run (`{path}` is missing).")
-        elif path.suffix == ".md":
-            parts.append(_demote(path.read_text()))
-        else:
-            parts.append(f"![{r['name']}]({rel / path.name})")
-        parts.append("")
+        where = f"[{path.name}]({rel / path.name})" if path.exists() else f"not written by this run (`{path}`)"
+        parts.append(f"- {r['name']}: {r['what']}: {where}")
+    figures = [r for r in record["artefacts"] if r["name"].startswith("Figure 2") and Path(r["path"]).exists()]
+    if figures:
+        parts += ["", " ".join(f"![{r['name']}]({rel / Path(r['path']).name})" for r in figures[:1])]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -151,11 +170,24 @@ def main(argv=None):
     parser.add_argument("--paper_dir", default="paper")
     parser.add_argument("--model", required=True, help="the model as the artefacts name it")
     parser.add_argument("--mode", required=True, choices=("quick", "full"))
-    parser.add_argument("--run_tag", required=True, help="the run's tag (names Figure 1's files)")
-    parser.add_argument("--command", required=True)
-    parser.add_argument("--seconds", type=float, required=True, help="the run's wall time")
+    parser.add_argument("--run_tag", help="the run's tag (names Figure 1's files)")
+    parser.add_argument("--command")
+    parser.add_argument("--seconds", type=float, help="the run's wall time")
     parser.add_argument("--readme", default=None, help="replace this README's generated results section")
+    parser.add_argument(
+        "--readme_only", action="store_true", help="only rewrite --readme's section from the existing index"
+    )
     args = parser.parse_args(argv)
+    if args.readme_only:
+        if not args.readme:
+            parser.error("--readme_only needs --readme README.md")
+        readme = Path(args.readme)
+        print(
+            f"README results: {update_readme(readme, results_section(args.paper_dir, args.model, args.mode, readme))}"
+        )
+        return []
+    if args.run_tag is None or args.command is None or args.seconds is None:
+        parser.error("--run_tag, --command and --seconds are needed to write the index (or pass --readme_only)")
     out, rows = write_index(args.paper_dir, args.model, args.mode, args.run_tag, args.command, args.seconds)
     for r in rows:
         print(f"{r['name']:>22}: {r['path'] if r['exists'] else 'missing (' + r['path'] + ')'}")

@@ -185,8 +185,3 @@ def gold_match(answer: str, golds) -> bool:
         if norm and f" {norm} " in said:
             return True
     return False
-
-
-# ---------------------------------------------------------------------------------------------
-# The policies of a TruthfulQA run
-

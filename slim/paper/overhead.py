@@ -21,8 +21,6 @@ from ..io import write_json, write_text
 log = logging.getLogger(__name__)
 
 
-
-
 # -----------------------------------------------------------------------------
 # inference overhead
 
@@ -234,4 +232,3 @@ def paired_overhead(
         batch_size,
         firing_rate=rate() if callable(rate) else None,
     )
-

@@ -21,7 +21,6 @@ from ..io import write_json, write_text
 log = logging.getLogger(__name__)
 
 
-
 # -----------------------------------------------------------------------------
 # the table
 

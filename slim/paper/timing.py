@@ -1,4 +1,5 @@
-"""Running time of SLIM's parts on a run's own data: the paper's Table 4, measured.
+"""Running time of SLIM's parts on a run's own data: the paper's Table 4, measured (the overhead in
+slim.paper.overhead, the table in slim.paper.table4).
 
 Each function times the computation the pipeline itself runs, on the arrays
 the pipeline uses (the cached head activations, stage 1's probes, the run's

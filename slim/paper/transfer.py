@@ -41,6 +41,10 @@ from ..config import EvalConfig, ParameterError, check_int
 from ..io import sha256_file, write_csv
 
 
+# ---------------------------------------------------------------------------------------------
+# The policies of a TruthfulQA run
+
+
 @dataclass
 class TransferRun:
     """One method of the transfer: its TruthfulQA summary and its policies by fold."""

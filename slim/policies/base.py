@@ -1,4 +1,4 @@
-"""Intervention policies: SLIM, ITI and a MiMiC-style Gaussian OT baseline.
+"""What every intervention policy shares: attaching to a model, saving, loading, the registry of kinds.
 
 Every policy edits the head-wise activations at the last position of every
 forward call (the prompt's last token, then each generated token under the KV

@@ -236,8 +236,7 @@ def test_iti_on_slim_layer_shifts_are_itis_of_that_layer(fold_data, direction):
 
 
 def test_the_script_runs_both_arms_end_to_end(tmp_path):
-    from test_scripts import common, eval_flags, run
-
+    from conftest import common, eval_flags, run
     from slim.evaluation.reports import comparison_table
 
     model_dir = tmp_path / "tiny_llama"

@@ -149,7 +149,7 @@ def test_bad_inputs_are_refused(fitted):
 
 
 def test_the_script_runs_end_to_end(tmp_path):
-    from test_scripts import common, eval_flags, run
+    from conftest import common, eval_flags, run
 
     model_dir = tmp_path / "tiny_llama"
     tiny_model("llama", vocab_size=len(make_tokenizer())).save_pretrained(model_dir)

@@ -30,7 +30,7 @@ from slim.judges import (
     p_yes_from_top_logprobs,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TQA_DIR = Path(os.environ.get("SLIM_TQA_DIR", REPO.parent / "shared" / "data" / "truthfulqa"))
 KEY = "sk-test-DO-NOT-LEAK-4242"
 MODEL = "ft:davinci-002:test::judge"

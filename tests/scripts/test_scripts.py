@@ -3,12 +3,11 @@
 import json
 import os
 import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
-from conftest import REPO, TQA_DIR, make_tokenizer, tiny_model
+from conftest import REPO, TQA_DIR, common, eval_flags, make_tokenizer, run, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -19,32 +18,6 @@ def work(tmp_path_factory):
     model.save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
     return root, model_dir
-
-
-def run(args, root, env=None, check=True):
-    cmd = [sys.executable, *args]
-    full_env = {**os.environ, "SLIM_TQA_DIR": str(TQA_DIR), "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=900)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
-def common(root, model_dir):
-    return ["--model_dir", str(model_dir), "--device", "cpu", "--num_fold", "2", "--out_dir", str(root / "validation")]
-
-
-def eval_flags(model_dir):
-    return [
-        "--judge_name",
-        f"local:{model_dir}",
-        "--info_name",
-        f"local:{model_dir}",
-        "--max_questions",
-        "3",
-        "--max_new_tokens",
-        "4",
-    ]
 
 
 def test_three_commands_and_sweep(work):

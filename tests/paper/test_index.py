@@ -1,0 +1,60 @@
+"""The README's generated section (slim.paper.index) is short: Table 1's headline from its file, links to the rest."""
+
+import json
+
+from slim.paper.index import BEGIN, END, results_section, table1_summary, update_readme
+
+TABLE1 = """### Table 1: m, 2 folds
+
+| method | setting | folds | questions | True*Info | True % | Info % | SEM |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| baseline | - | 2 | 8 | 22.4 | 37.1 | 60.3 | 0.392 |
+| slim | kappa = 40 | 2 | 8 | 22.2 | 51.7 | 43.2 | 0.455 |
+
+Pooled over folds, with 95 % bootstrap intervals over questions (BCa, 9,999 resamples):
+
+| method | setting | questions | True*Info | True % | Info % |
+| --- | --- | --- | --- | --- | --- |
+| baseline | - | 8 | 22.4 (20.5 to 24.3) | 37.1 (33.8 to 40.4) | 60.3 (57.0 to 63.6) |
+| slim | kappa = 40 | 8 | 22.3 (20.5 to 24.2) | 51.7 (48.2 to 55.1) | 43.2 (39.9 to 46.5) |
+
+Change from the unintervened model on the same questions (points; p two-sided):
+
+| method | setting | fold | questions | True*Info | p (True*Info) | True % | Info % |
+| --- | --- | --- | --- | --- | --- | --- | --- |
+| slim | kappa = 40 | 0 | 4 | +0.7 (-2.0 to +3.5) | 0.611 | +12.0 (+7.3 to +16.6) | -13.9 (-18.3 to -9.5) |
+| slim | kappa = 40 | pooled | 8 | -0.1 (-2.1 to +2.1) | 0.964 | +14.6 (+11.1 to +18.0) | -17.1 (-20.6 to -13.7) |
+
+Judges: truth `offline@sha256:85aa`, info `offline@sha256:a199`.
+
+Produced 2026-11-30 by `bash reproduce.sh`.
+"""
+
+
+def test_table1_summary_keeps_the_pooled_rows_and_the_judges():
+    out = table1_summary(TABLE1)
+    assert "| slim | kappa = 40 | 8 | 22.3 (20.5 to 24.2) |" in out
+    assert "| slim | kappa = 40 | pooled | 8 | -0.1 (-2.1 to +2.1) |" in out
+    assert "| slim | kappa = 40 | 0 | 4 |" not in out  # per-fold rows stay in the file
+    assert "| 0.455 |" not in out  # so does the wide table
+    assert out.splitlines()[-1] == "Judges: truth `offline@sha256:85aa`, info `offline@sha256:a199`."
+
+
+def test_results_section_links_every_artefact_and_inlines_table1(tmp_path):
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "table1_m_full.md").write_text(TABLE1)
+    artefacts = [
+        {"name": "Table 1", "path": str(paper / "table1_m_full.md"), "what": "the methods", "exists": True},
+        {"name": "Table 2", "path": str(paper / "table2_m_full.md"), "what": "the arms", "exists": False},
+    ]
+    record = {"command": "FULL=1 bash reproduce.sh", "date": "2026-11-30", "seconds": 65.0, "machine": "x"}
+    (paper / "index_m_full.json").write_text(json.dumps({**record, "artefacts": artefacts}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# P\n\n{BEGIN}\nold\n{END}\n")
+    update_readme(readme, results_section(paper, "m", "full", readme))
+    section = readme.read_text().split(BEGIN)[1].split(END)[0]
+    assert "not the paper's 7B" in section and "1 min 05 s wall time" in section
+    assert "| slim | kappa = 40 | pooled |" in section and "| 0.455 |" not in section
+    assert "- Table 1: the methods: [table1_m_full.md](paper/table1_m_full.md)" in section
+    assert "- Table 2: the arms: not written by this run" in section
