@@ -44,6 +44,9 @@ def method_name(method: str, params: dict) -> str:
 
 @dataclass(frozen=True)
 class RunLayout:
+    """Every output path of a run under `out_dir`: fold splits, activation caches, probes, maps, policies,
+    answers, summaries and figures, each named by the model tag, the question subset and the settings."""
+
     out_dir: Path
     model: str  # model tag
     n_questions: int | None = None  # question subset

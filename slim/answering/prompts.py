@@ -50,6 +50,8 @@ A: The 1992 Olympics were held in Barcelona, Spain."""
 
 
 def qa_prompt(question: str, instruction: bool = True) -> str:
+    """TruthfulQA's "qa" prompt for one question: the instruction (unless `instruction` is False), the QA primer
+    of six question-answer pairs, then `Q: {question}`; the model continues after it."""
     prefix = INSTRUCTION + "\n\n" if instruction else ""
     return f"{prefix}{QA_PRIMER}\n\nQ: {question.strip()}"
 

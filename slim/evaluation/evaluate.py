@@ -52,6 +52,8 @@ class Scorers:
 
 
 def load_scorers(judge_name: str, info_name: str, embedder_name: str, tqa_dir=None, device="cpu") -> Scorers:
+    """The truth judge, the info judge (by their names, see slim.judges.make_judge) and SEM's sentence embedder,
+    loaded once for every method a run scores."""
     from ..judges import make_judge
     from ..models.embedder import load_embedder
 

@@ -46,6 +46,8 @@ def cache_root() -> Path:
 
 @dataclass
 class LoadedModel:
+    """A loaded model with its tokenizer, the name it was asked for and the device its inputs go to."""
+
     model: torch.nn.Module
     tokenizer: object
     name: str  # registry key, hub id or folder: what the user asked for

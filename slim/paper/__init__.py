@@ -14,14 +14,14 @@ The names of the old `slim.paper` module are re-exported here.
 """
 
 from .index import (
+    ARTEFACTS,
     BEGIN,
     END,
-    ARTEFACTS,
     artefacts,
-    write_index,
+    main,
     results_section,
     update_readme,
-    main,
+    write_index,
 )
 
 __all__ = [

@@ -120,8 +120,8 @@ def sweep_points(summaries, param: str) -> pd.DataFrame:
     """One row per summary and panel: summary, method, x (the knob), metric, value, lo, hi, band, questions.
 
     The unintervened model's summary (method "baseline", as ITI's alpha = 0 is run) sits at x = 0, as in
-    slim.evaluation.sweep. Points with verdicts are the pooled values (equal to the fold means when the folds are of equal
-    size; True*Info is the product of the pooled rates, not the mean of the folds' products).
+    slim.evaluation.sweep. Points with verdicts are the pooled values (equal to the fold means when the folds are of
+    equal size; True*Info is the product of the pooled rates, not the mean of the folds' products).
     """
     rows = []
     for path in summaries:

@@ -1,19 +1,19 @@
 """NQ-open for the transfer experiment: loading the questions and gold answers, and the lenient gold match."""
 
 from __future__ import annotations
+
 import ast
 import json
-import math
 import re
 import string
 import unicodedata
-from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
-from ..config import EvalConfig, ParameterError, check_int
-from ..io import sha256_file, write_csv
 
+from ..config import ParameterError, check_int
+from ..io import sha256_file
 
 NQ_DATASET = "nq_open"  # the Hugging Face dataset (Lee et al., 2019's open-domain split of Natural Questions)
 NQ_FORMAT = (

@@ -1,22 +1,21 @@
-"""Table 4's inference overhead: the same batches answered plain and edited back to back, per decoded token and per answer."""
+"""Table 4's inference overhead: the same batches answered plain and edited back to back.
+
+The increase is reported per decoded token (the edit's own cost) and per answer (what a user waits); see
+slim.paper.timing for why both.
+"""
 
 from __future__ import annotations
-import contextlib
+
 import logging
-import math
-import os
-import platform
-import statistics
 import time
-import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
+
 import numpy as np
 import pandas as pd
-import torch
-from ..config import ProbeConfig, SlimConfig, check_int
-from ..io import write_json, write_text
+
+from ..config import check_int
+from .timing import Timing, _sync
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,8 @@ def answer_setup(lm, questions: pd.DataFrame, prefix_cache: bool = True, stop_at
     """(prefix cache or None, stop_at_answer) as answer_questions would answer `questions`: the shared prompt's
     cache built once (untimed), both speed-ups off where the model's generation config needs model.generate."""
     from ..answering.decoding import logit_settings
-    from ..answering.prompts import qa_prompt, shared_prefix
     from ..answering.prefix import PrefixCache
+    from ..answering.prompts import qa_prompt, shared_prefix
 
     if (prefix_cache or stop_at_answer) and logit_settings(lm.model):
         log.warning(

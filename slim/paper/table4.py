@@ -1,22 +1,18 @@
 """Table 4: the device line, the components measured here beside the paper's figures, and the markdown."""
 
 from __future__ import annotations
-import contextlib
+
 import logging
 import math
 import os
 import platform
-import statistics
-import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-import numpy as np
-import pandas as pd
+
 import torch
-from ..config import ProbeConfig, SlimConfig, check_int
+
 from ..io import write_json, write_text
+from .overhead import OverheadResult
+from .timing import PAPER_TABLE4, Timing
 
 log = logging.getLogger(__name__)
 

@@ -25,21 +25,17 @@ rerun answers only what is missing.
 
 from __future__ import annotations
 
-import ast
 import json
 import math
-import re
-import string
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..config import EvalConfig, ParameterError, check_int
-from ..io import sha256_file, write_csv
-
+from ..config import EvalConfig
+from ..io import write_csv
+from .nq_open import NQ_DATASET, NQ_FORMAT, gold_match
 
 # ---------------------------------------------------------------------------------------------
 # The policies of a TruthfulQA run
@@ -95,8 +91,8 @@ def load_transfer_runs(summaries) -> list[TransferRun]:
     `<out_dir>/policies/`). Summaries of the unintervened model are left out (the transfer always answers
     with it). One-line ValueError for a summary without recorded policies, two of one method, or a policy folder
     that now holds another policy."""
-    from ..policies.base import Policy
     from ..layout import method_name, model_tag
+    from ..policies.base import Policy
 
     runs: list[TransferRun] = []
     for summary in summaries:
@@ -193,8 +189,8 @@ def run_transfer(
     answer set and a "mean" row per run (each question's verdicts averaged over its folds); each metric
     (value, lo, hi). Paired rows: each run's fold and mean against the unintervened answers, (diff, lo, hi, p).
     `on_row(row)` is called as each row is ready."""
-    from ..evaluation.evaluate import scored_path
     from ..answering.answers import answer_questions
+    from ..evaluation.evaluate import scored_path
 
     golds = dict(zip(questions["question_idx"].astype(int), questions["golds"]))
     asked = questions[["question_idx", "Question"]]

@@ -127,4 +127,6 @@ def layer_table(fold_probes: dict[int, FoldProbes], cfg: ProbeConfig) -> pd.Data
 
 
 def chosen_layers(fold_probes: dict[int, FoldProbes], criterion: str = "val_loss") -> dict[int, int]:
+    """The edited layer of each fold: the layer whose row minimises `criterion` (default FPR + bl * FNR at its
+    tau, on the fold's validation rows; see slim.stage1.detector.choose_layer)."""
     return {fold: choose_layer(fp.layer_rows, criterion) for fold, fp in fold_probes.items()}

@@ -11,9 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run
 
-from conftest import REPO, HashEmbedder, LengthJudge, make_tokenizer, random_policy, tiny_model
+from conftest import REPO, HashEmbedder, LengthJudge, make_tokenizer, random_policy, run, tiny_model
 from slim.config import EvalConfig
 from slim.evaluation.evaluate import Scorers, evaluate_method
 from slim.layout import RunLayout, method_name
