@@ -23,6 +23,7 @@
 # FIGURE_BLS, OUT_DIR, PAPER_DIR (default paper), NQ_FILE, NQ_QUESTIONS, README. Extra arguments go to every Python command.
 set -euo pipefail
 cd "$(dirname "$0")"
+. scripts/env.sh && slim_use_env  # the active environment, else .venv from install.sh (scripts/env.sh)
 start=$(date +%s)
 MODEL=${MODEL:-smollm2_135M}
 NUM_FOLD=${NUM_FOLD:-2}

@@ -14,6 +14,7 @@
 # "0.6 1.0 2.0"), when set, adds Figure 1(b): stage 1's probes trained again for each bl.
 set -euo pipefail
 cd "$(dirname "$0")"
+. scripts/env.sh && slim_use_env  # the active environment, else .venv from install.sh (scripts/env.sh)
 MODEL=${MODEL:-smollm2_135M}
 NUM_FOLD=${NUM_FOLD:-2}
 if [ -n "${FULL:-}" ]; then

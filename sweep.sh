@@ -14,6 +14,7 @@
 # which `ot_edit_layer.py --kappa best` and `validate_2fold.py --alpha best` read.
 set -euo pipefail
 cd "$(dirname "$0")"
+. scripts/env.sh && slim_use_env  # the active environment, else .venv from install.sh (scripts/env.sh)
 MODEL=${MODEL:-smollm2_135M}
 METHOD=${METHOD:-slim}
 KAPPAS=${KAPPAS:-"0 10 20 40 80"}

@@ -16,6 +16,7 @@
 # goes to paper/ablation_fidelity_<model>.md. Extra arguments go to every run. Reruns reuse what is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/env.sh && slim_use_env  # the active environment, else .venv from install.sh (scripts/env.sh)
 MODEL=${MODEL:-smollm2_135M}
 OUT_DIR=${OUT_DIR:-validation}
 best="$OUT_DIR/${MODEL}_best_slim.json"
