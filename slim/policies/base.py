@@ -169,16 +169,6 @@ class Policy:
         return policy
 
 
-def _psi(scores: torch.Tensor, votes: torch.Tensor, psi: str) -> torch.Tensor:
-    """Aggregation weights omega (batch, heads) from kappa * p * v."""
-    if psi == "identity":
-        return scores
-    # softmax over the voting heads only; heads that do not vote get weight 0
-    masked = scores.masked_fill(~votes, float("-inf"))
-    weights = torch.softmax(masked, dim=-1)
-    return torch.nan_to_num(weights, nan=0.0)  # a row with no vote is all -inf
-
-
 class DetectorPolicy(Policy):
     """A policy gated by a layer detector: `step(a)` returns (new a, votes (n, H), fired (n,)), and `move` counts
     the edited positions and those where the layer fired (slim.evaluation reports the share as firing_rate).

@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 
 from ..config import PSI, check_choice, check_kappa
-from .base import DetectorPolicy, _psi
+from .base import DetectorPolicy
+
+
+def _psi(scores: torch.Tensor, votes: torch.Tensor, psi: str) -> torch.Tensor:
+    """Aggregation weights omega (batch, heads) from kappa * p * v."""
+    if psi == "identity":
+        return scores
+    # softmax over the voting heads only; heads that do not vote get weight 0
+    masked = scores.masked_fill(~votes, float("-inf"))
+    weights = torch.softmax(masked, dim=-1)
+    return torch.nan_to_num(weights, nan=0.0)  # a row with no vote is all -inf
 
 
 class SlimPolicy(DetectorPolicy):
