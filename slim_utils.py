@@ -33,6 +33,7 @@ from slim.evaluation.evaluate import format_row
 from slim.io import DamagedArtefact, hold_folder, write_text
 from slim.layout import RunLayout, model_tag
 from slim.models.loading import DEFAULT_MODEL, MODEL_REGISTRY, load_model, resolve_device, resolve_model_name
+from slim.models.placement import dtype_name, resolve_dtype
 
 ROOT = Path(__file__).resolve().parent
 VALIDATION_DIR = Path(os.environ.get("SLIM_VALIDATION_DIR", ROOT / "validation"))
@@ -44,6 +45,18 @@ COMMON_FLAGS = [
     ("--model_dir", dict(default=None, help="load the model from this local folder instead")),
     ("--head_layout", dict(default=None, help="BLOCKS:PROJ (e.g. model.layers:self_attn.o_proj) when not found")),
     ("--device", dict(default="auto", help="cpu, auto, cuda[:N] or a GPU index (published: 0)")),
+    (
+        "--dtype",
+        dict(
+            default="auto",
+            help="auto, bf16, fp16 or fp32; auto: fp32 on the CPU, on a GPU the checkpoint's own fp16 / bf16, "
+            "else fp16",
+        ),
+    ),
+    (
+        "--allow_offload",
+        dict(action="store_true", help="--device auto: let a model too large for the GPUs spill onto CPU / disk"),
+    ),
     (
         "--dataset_name",
         dict(
@@ -164,6 +177,7 @@ def data_config(args) -> DataConfig:
     if not args.model_dir:
         resolve_model_name(args.model_name)
     args.device = resolve_device(args.device)  # a CPU fallback warns once
+    resolve_model_dtype(args)
     order = resolve_question_order(args.question_order, args.tqa_dir)  # auto: the order used, as the config records
     return DataConfig(
         args.tqa_dir, args.n_questions, args.num_fold, args.val_ratio, args.seed, args.dataset_name, order
@@ -202,9 +216,23 @@ def run_layout(args, figure_dir=None) -> RunLayout:
     )
 
 
+def resolve_model_dtype(args) -> str:
+    """`--dtype` as the model will be loaded (auto resolved: fp32 on the CPU, else the checkpoint's), set on
+    `args.dtype` so the run's config records it; call after the device is resolved."""
+    source = args.model_dir or resolve_model_name(args.model_name)
+    args.dtype = dtype_name(resolve_dtype(args.dtype, args.device, source))
+    return args.dtype
+
+
 def model_loader(args):
     """A function that loads the model on its first call and returns the same one after."""
-    kwargs = dict(device=args.device, model_dir=args.model_dir, head_layout=args.head_layout)
+    kwargs = dict(
+        device=args.device,
+        model_dir=args.model_dir,
+        head_layout=args.head_layout,
+        dtype=args.dtype,
+        allow_offload=args.allow_offload,
+    )
     return functools.cache(lambda: load_model(args.model_name, **kwargs))
 
 
@@ -234,6 +262,7 @@ def model_settings(args) -> dict:
         "model_dir": args.model_dir,
         "device": args.device,
         "head_layout": args.head_layout,
+        "dtype": args.dtype,
     }
 
 

@@ -33,7 +33,7 @@ from slim.models.loading import resolve_device
 from slim.paper.nq_open import TransferUnavailable, data_key, load_nq_open
 from slim.paper.transfer import load_transfer_runs, read_config, run_transfer, transfer_markdown, unavailable_note
 
-MODEL_FLAGS = ("--model_dir", "--head_layout", "--device", "--tqa_dir")
+MODEL_FLAGS = ("--model_dir", "--head_layout", "--device", "--dtype", "--allow_offload", "--tqa_dir")
 RUN_FLAGS = ("--judge_name", "--info_name", "--embedder", "--max_new_tokens", "--answer_batch_size", "--answer_rule")
 # a run setting's flag -> its field in the TruthfulQA run's EvalConfig (config.json "eval")
 EVAL_FIELDS = {"answer_batch_size": "batch_size"}
@@ -102,6 +102,7 @@ def main(argv=None):
     source = questions.attrs["source"]
 
     args.device = resolve_device(args.device)
+    su.resolve_model_dtype(args)
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.summaries[0]).resolve().parent.parent
     tag = model_tag(args.model_name, args.model_dir)
     answers_dir = out_dir / "transfer" / tag / data_key(source)

@@ -38,6 +38,7 @@ __all__ = [
     "COMMON_PROJECTIONS",
     "EditFactory",
     "EditFn",
+    "EditOverflow",
     "HeadLayout",
     "HeadTrace",
     "attention_output_projections",
@@ -198,6 +199,17 @@ def set_head_layout(model: nn.Module, layout) -> HeadLayout:
     return layout
 
 
+class EditOverflow(ValueError):
+    """An edit wrote values a float16 model cannot hold (past +-65504, as inf or nan)."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        super().__init__(
+            f"the edit at layer {layer} produced values outside float16's range (max 65504): lower the edit's "
+            "strength (--kappa, --alpha or --strength), or run with --dtype bf16 or fp32."
+        )
+
+
 class _StopForward(Exception):
     """Raised after the last traced layer when the rest of the model is not needed."""
 
@@ -219,6 +231,11 @@ class HeadTrace:
     `positions` (settable while open): None, the edit's own default (a policy's: the last position of every
     forward call, as in generation), or a (batch, seq) bool mask of the positions the edit moves in the
     forward calls that follow, passed on as `edit(layer, acts, positions=mask)`.
+
+    In a float16 model, an edit that turns finite activations into inf or nan (past float16's 65504; edits
+    compute in float32 and cast back) raises EditOverflow when the block closes. The check stays on the
+    device while the block is open (no synchronisation per token) and is read once per edited layer on
+    exit; bfloat16 and float32 share float32's range, so only float16 is checked.
     """
 
     def __init__(
@@ -243,6 +260,7 @@ class HeadTrace:
         self.positions: torch.Tensor | None = None  # (batch, seq) bool, or None: the edit's default positions
         self.activations: dict[int, torch.Tensor] = {}
         self._handles: list = []
+        self._overflow: dict[int, torch.Tensor] = {}  # layer -> a 0-d bool on the device: the edit overflowed
 
     def _hook(self, layer: int):
         def pre_hook(module, args):
@@ -260,7 +278,10 @@ class HeadTrace:
                     new = self.edit(layer, acts)
                 else:
                     new = self.edit(layer, acts, positions=self._mask_for(acts))
-                args = ((acts if new is None else new).reshape(x.shape), *args[1:])
+                new = acts if new is None else new
+                if new.dtype == torch.float16:
+                    self._watch(layer, x, new)
+                args = (new.reshape(x.shape), *args[1:])
             if self.stop_after_last and layer == self.layers[-1]:
                 raise _StopForward
             return args if self.edit is not None else None
@@ -277,7 +298,19 @@ class HeadTrace:
             )
         return mask.to(acts.device)
 
+    def _watch(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Note, on the device, whether the edit made finite activations non-finite."""
+        bad = torch.isfinite(before).all() & ~torch.isfinite(after).all()
+        self._overflow[layer] = bad if layer not in self._overflow else self._overflow[layer] | bad
+
+    def _raise_overflow(self) -> None:
+        flags, self._overflow = self._overflow, {}
+        for layer in sorted(flags):
+            if bool(flags[layer]):
+                raise EditOverflow(layer)
+
     def __enter__(self) -> "HeadTrace":
+        self._overflow = {}
         for layer in self.layers:
             self._handles.append(self.projections[layer].register_forward_pre_hook(self._hook(layer)))
         return self
@@ -286,6 +319,9 @@ class HeadTrace:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if exc_type is None or exc_type is _StopForward:
+            self._raise_overflow()
+        self._overflow = {}
         return exc_type is _StopForward
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ..config import ParameterError
 from ..io import atomic_dir, file_record, parse_errors, record_problem
+from .placement import gpu_free_bytes, model_bytes, parse_dtype, placement, refuse_offload, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -180,19 +181,24 @@ def load_model(
     name: str = DEFAULT_MODEL,
     device: str | int | None = "auto",
     model_dir: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     trust_remote_code: bool = False,
     head_layout: str | None = None,
+    allow_offload: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for batched left-padded generation.
 
-    fp16 on GPU, fp32 on CPU unless `dtype` says otherwise. `device='auto'`
-    on a CUDA machine spreads a large model over the visible GPUs (accelerate).
+    `dtype`: a torch.dtype or auto (None), bf16, fp16, fp32; auto is fp32 on the CPU and on a GPU the
+    checkpoint's own fp16 / bf16, else fp16 (slim.models.placement). `device`: cpu, cuda:N or a GPU index
+    (the weights go straight there), or auto: on a CUDA machine one GPU when the model fits its free memory,
+    else spread over the visible GPUs (accelerate); a model that would spill onto the CPU or disk is
+    refused unless `allow_offload`.
     `head_layout` ("blocks:proj") names the attention output projections of a
     model whose layout is not found automatically (slim.models.heads.set_head_layout).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    parse_dtype(dtype)  # a bad --dtype stops here, before any model is touched
     if model_dir and not os.path.isdir(model_dir):
         raise ParameterError("model_dir", f"{model_dir!r} is not a folder: point it at a saved transformers model.")
     if model_dir and not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -203,11 +209,14 @@ def load_model(
         )
     source = model_dir if model_dir else local_model_dir(name)
     target = resolve_device(device)
-    if dtype is None:
-        dtype = torch.float32 if target == "cpu" else torch.float16
+    dtype = resolve_dtype(dtype, target, source)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
-    if target == "auto":
-        kwargs["device_map"] = "auto"
+    if target.startswith("cuda"):
+        kwargs["device_map"] = {"": target}  # loaded straight onto that GPU, no copy on the host
+    elif target == "auto":
+        kwargs["device_map"] = placement(model_bytes(source, dtype, trust_remote_code), gpu_free_bytes(), allow_offload)
+        if kwargs["device_map"] == "auto" and allow_offload:
+            kwargs["offload_folder"] = str(cache_root() / "offload")
     part = "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -219,8 +228,9 @@ def load_model(
             f"could not load the {part} of {source!r} ({type(err).__name__}: {first}): check the name, "
             "your network / HF_TOKEN, or pass --model_dir with a complete local copy (config, weights, tokenizer)."
         ) from None
-    if target != "auto":
+    if target == "cpu":
         model.to(target)
+    refuse_offload(getattr(model, "hf_device_map", None), allow_offload)
     model.eval()
     model.requires_grad_(False)
     tokenizer.padding_side = "left"  # the last position is -1 for every row of a batch

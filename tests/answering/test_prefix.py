@@ -73,3 +73,37 @@ def test_a_model_without_a_cache_argument_runs_in_full_with_one_notice(tokenizer
         assert PrefixCache.build(NoCache(tiny_model("llama")), tokenizer, shared_prefix()) is None
     (record,) = caplog.records
     assert "shared-prompt cache off for NoCache" in record.getMessage() and "\n" not in record.getMessage()
+
+
+def test_the_tolerance_fits_the_dtype():
+    from slim.answering.prefix import cache_tolerance
+
+    # fp32 and fp16 as before; bf16 rounds 8 times coarser than fp16 (8 bits of mantissa to 11)
+    assert cache_tolerance(torch.float32) == 1e-3 and cache_tolerance(torch.float16) == 5e-2
+    assert cache_tolerance(torch.bfloat16) == pytest.approx(8 * cache_tolerance(torch.float16))
+
+
+@pytest.mark.parametrize("kind", [None, "slim", "iti"])
+def test_in_bf16_the_cache_stays_on_and_answers_as_the_full_prompts(kind, tokenizer, caplog):
+    from conftest import random_policy
+    from slim.answering.decoding import greedy_answer_tokens, greedy_tokens
+
+    model = tiny_model("llama", max_positions=512).to(torch.bfloat16)
+    model.generation_config.eos_token_id = None
+    policy = random_policy(kind, model) if kind else None
+    prompts = [qa_prompt(q) for q in QUESTIONS]
+    with caplog.at_level(logging.WARNING):
+        prefix = PrefixCache.build(model, tokenizer, shared_prefix(), example=prompts[0])
+    assert prefix is not None and not caplog.records
+    full = greedy_tokens(model, tokenizer, prompts, 8, edit=policy).tolist()
+    cached = greedy_answer_tokens(model, tokenizer, prompts, 8, edit=policy, prefix=prefix, stop_at_answer=False)
+    assert cached == full
+
+
+def test_in_bf16_a_wrong_cache_is_still_refused(tokenizer):
+    model = tiny_model("llama", max_positions=512).to(torch.bfloat16)
+    text, example = shared_prefix(), qa_prompt(QUESTIONS[0])
+    good = PrefixCache.build(model, tokenizer, text)
+    assert good._disagrees(model, tokenizer(example)["input_ids"]) is None
+    other = PrefixCache.build(tiny_model("llama", seed=1, max_positions=512).to(torch.bfloat16), tokenizer, text)
+    assert "differ" in PrefixCache(good.ids, other.cache)._disagrees(model, tokenizer(example)["input_ids"])

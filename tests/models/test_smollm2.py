@@ -66,3 +66,22 @@ def test_speed_ups_keep_smollm2_answers(smollm2, tmp_path):
     assert new["answer"].tolist() == old["answer"].tolist()
     assert all(n and o.startswith(n) for n, o in zip(new["generation"], old["generation"]))
     assert sum(map(len, new["generation"])) < sum(map(len, old["generation"]))  # it stopped at the answers
+
+
+def test_in_bf16_the_shared_prompt_cache_stays_on(caplog):
+    # SmolLM2's cached logits differ from the full prompt's by about 0.1 of their spread in bf16 (fp16's
+    # tolerance, 0.05, turned the cache off).
+    import logging
+
+    import torch
+
+    from slim.answering.prefix import PrefixCache, cache_tolerance
+    from slim.answering.prompts import shared_prefix
+
+    lm = load_model("smollm2_135M", device="cpu", dtype="bf16")
+    assert lm.model.dtype == torch.bfloat16
+    example = qa_prompt(load_truthfulqa(TQA_DIR)["Question"][0])
+    with caplog.at_level(logging.WARNING):
+        prefix = PrefixCache.build(lm.model, lm.tokenizer, shared_prefix(), example=example)
+    assert prefix is not None and not caplog.records
+    assert cache_tolerance(torch.bfloat16) > cache_tolerance(torch.float16)
