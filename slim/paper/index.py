@@ -146,9 +146,10 @@ def results_section(paper_dir: str | Path, model: str, mode: str, readme: Path) 
         path = Path(r["path"])
         where = f"[{path.name}]({rel / path.name})" if path.exists() else f"not written by this run (`{path}`)"
         parts.append(f"- {r['name']}: {r['what']}: {where}")
-    figures = [r for r in record["artefacts"] if r["name"].startswith("Figure 2") and Path(r["path"]).exists()]
-    if figures:
-        parts += ["", " ".join(f"![{r['name']}]({rel / Path(r['path']).name})" for r in figures[:1])]
+    drawn = [r for r in record["artefacts"] if r["name"].startswith("Figure 2") and Path(r["path"]).exists()]
+    figure = drawn[0] if drawn else None
+    if figure is not None:  # the first sweep drawn (SLIM's), shown in the README
+        parts += ["", f"![{figure['name']}]({rel / Path(figure['path']).name})"]
     return "\n".join(parts).rstrip() + "\n"
 
 
