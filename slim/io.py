@@ -256,3 +256,60 @@ def hold_folder(folder: str | os.PathLike, wait: bool = True) -> Path:
     lock.flush()
     _HELD[folder] = lock  # kept open: closing the file would release the lock
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per artefact
+
+_LOCKS: dict[Path, list] = {}  # lock file -> [open file, depth]: re-entrant within a process
+
+
+def _lock_file(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def artefact_lock(path: str | os.PathLike, wait: bool | None = None):
+    """Hold `path` (a file or folder this run is about to compute) while the block runs: an flock on
+    `.<name>.lock` beside it. Runs that write other artefacts of the same folder go on at once; a run
+    that wants the same one waits (one line: who holds it) and, once inside, should look again for what
+    the first wrote before computing. `wait=False` (or `SLIM_NO_WAIT=1` when `wait` is None) stops at
+    once with a one-line RuntimeError instead. Re-entrant within a process.
+    """
+    if wait is None:
+        wait = not os.environ.get("SLIM_NO_WAIT")
+    lock_path = _lock_file(Path(path).resolve())
+    held = _LOCKS.get(lock_path)
+    if held is not None:
+        held[1] += 1
+        try:
+            yield Path(path)
+        finally:
+            held[1] -= 1
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = " ".join(lock.read().split()) or "another run"
+            if not wait:
+                raise RuntimeError(
+                    f"{path} is being written by {holder}: wait for it to finish or pass another --out_dir."
+                ) from None
+            logging.getLogger("slim").info("%s is being written by %s: waiting for it ...", path, holder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:300]}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+        _LOCKS[lock_path] = [lock, 1]
+        try:
+            yield Path(path)
+        finally:
+            del _LOCKS[lock_path]
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    finally:
+        lock.close()
