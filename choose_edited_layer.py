@@ -18,7 +18,7 @@ import slim_utils as su
 from slim.data.activations import load_probe_data
 from slim.data.folds import questions_and_folds
 from slim.evaluation.reports import plot_fnr_by_bl, plot_fnr_fpr
-from slim.io import write_csv, write_json
+from slim.io import artefact_lock, write_csv, write_json
 from slim.stage1.fit import chosen_layers, fit_stage1, layer_table
 
 
@@ -41,22 +41,22 @@ def main():
     layout = su.run_layout(args, figure_dir=args.paper_dir)
 
     df, folds = questions_and_folds(data_cfg, layout.splits_dir)
-    data = load_probe_data(df, data_cfg.dataset_name, layout, su.model_loader(args), args.batch_size)
-    device = su.compute_device(args)
+    load = su.model_loader(args)
+    data = load_probe_data(df, data_cfg.dataset_name, layout, load, args.batch_size, verify=args.verify)
+    device = su.compute_device(args, load)
     fold_probes = fit_stage1(data, folds, cfg, layout, data_cfg.dataset_name, device)
     table = layer_table(fold_probes, cfg)
     layers = chosen_layers(fold_probes, args.criterion)
-    write_csv(table, layout.layer_metrics(cfg))
-    write_json(
-        layout.chosen_layer(cfg),
-        {
-            "model": layout.model,
-            "criterion": args.criterion,
-            "probe_settings": cfg.tag(),
-            "data": asdict(data_cfg),
-            "chosen_layer": {str(k): v for k, v in layers.items()},
-        },
-    )
+    chosen = {
+        "model": layout.model,
+        "criterion": args.criterion,
+        "probe_settings": cfg.tag(),
+        "data": asdict(data_cfg),
+        "chosen_layer": {str(k): v for k, v in layers.items()},
+    }
+    with artefact_lock(layout.layer_metrics(cfg)), artefact_lock(layout.chosen_layer(cfg)):
+        write_csv(table, layout.layer_metrics(cfg))
+        write_json(layout.chosen_layer(cfg), chosen)
     for fold, layer in layers.items():
         row = table[(table.fold == fold) & (table.layer == layer)].iloc[0]
         print(
@@ -66,14 +66,18 @@ def main():
     if args.no_figures:
         return
     name = (args.model_dir or args.model_name) + (f", first {args.n_questions} questions" if args.n_questions else "")
-    print(f"Figure 1(a): {plot_fnr_fpr(table, name, cfg.bl, layout.figure('figure1a', 'fnr_fpr_by_layer'))}")
+    figure = layout.figure("figure1a", "fnr_fpr_by_layer")
+    with artefact_lock(figure):
+        print(f"Figure 1(a): {plot_fnr_fpr(table, name, cfg.bl, figure)}")
     if bl_cfgs:
         sweep = pd.concat(
             [layer_table(fit_stage1(data, folds, c, layout, data_cfg.dataset_name, device), c) for c in bl_cfgs],
             ignore_index=True,
         )
-        write_csv(sweep, layout.bl_sweep_metrics())
-        print(f"Figure 1(b): {plot_fnr_by_bl(sweep, name, layout.figure('figure1b', 'fnr_by_bl'))}")
+        figure = layout.figure("figure1b", "fnr_by_bl")
+        with artefact_lock(layout.bl_sweep_metrics()), artefact_lock(figure):
+            write_csv(sweep, layout.bl_sweep_metrics())
+            print(f"Figure 1(b): {plot_fnr_by_bl(sweep, name, figure)}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ def main():
     layout = su.run_layout(args)
     df, _ = questions_and_folds(data_cfg, layout.splits_dir)
     path = layout.features(data_cfg.dataset_name)
-    data = load_probe_data(df, data_cfg.dataset_name, layout, su.model_loader(args), args.batch_size)
+    data = load_probe_data(
+        df, data_cfg.dataset_name, layout, su.model_loader(args), args.batch_size, verify=args.verify
+    )
     info = json.loads(path.with_suffix(".json").read_text())
     n, L, H, d = data.activations.shape
     print(

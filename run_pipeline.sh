@@ -45,11 +45,10 @@ env "${sweep_q[@]}" MODEL="$MODEL" METHOD=iti ALPHAS="$ALPHAS" NUM_HEADS="$NUM_H
   OUT_DIR="$OUT_DIR" bash sweep.sh "${subset[@]}" "$@"
 
 rows=()
-python validate_2fold.py "$MODEL" --alpha 0 "${common[@]}" "${scored[@]}" --summary_out "$written" "$@"
-rows+=("$(head -n 1 "$written")")
-python validate_2fold.py "$MODEL" --num_heads "$NUM_HEADS" --alpha best --use_center_of_mass "${common[@]}" \
+# the unintervened model (alpha 0) and ITI at the chosen alpha: one process, one summary line each, in that order
+python validate_2fold.py "$MODEL" --num_heads "$NUM_HEADS" --alpha 0 best --use_center_of_mass "${common[@]}" \
   "${scored[@]}" --summary_out "$written" "$@"
-rows+=("$(head -n 1 "$written")")
+mapfile -t base_and_iti < "$written"; rows+=("${base_and_iti[@]}")
 python ot_edit_layer.py "$MODEL" --bl 1.0 --alpha 0.1 --kappa best --mimic --use_mode test "${common[@]}" \
   "${scored[@]}" --summary_out "$written" "$@"
 mapfile -t slim_and_mimic < "$written"; rows+=("${slim_and_mimic[@]}")

@@ -16,6 +16,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 from slim.config import (
     ANSWER_RULES,
     LAYER_CRITERIA,
@@ -30,10 +32,10 @@ from slim.config import (
 )
 from slim.data.folds import resolve_question_order
 from slim.evaluation.evaluate import format_row
-from slim.io import DamagedArtefact, hold_folder, write_text
+from slim.io import DamagedArtefact, artefact_lock, write_text
 from slim.layout import RunLayout, model_tag
 from slim.models.loading import DEFAULT_MODEL, MODEL_REGISTRY, load_model, resolve_device, resolve_model_name
-from slim.models.placement import dtype_name, resolve_dtype
+from slim.models.placement import dtype_name, gpu_free_bytes, resolve_dtype
 
 ROOT = Path(__file__).resolve().parent
 VALIDATION_DIR = Path(os.environ.get("SLIM_VALIDATION_DIR", ROOT / "validation"))
@@ -81,6 +83,13 @@ COMMON_FLAGS = [
     ("--tqa_dir", dict(default=None, help="folder of TruthfulQA.csv (else SLIM_TQA_DIR, cache, download)")),
     ("--out_dir", dict(default=str(VALIDATION_DIR), help="where outputs go")),
     ("--n_questions", dict(type=int, default=None, help="only the first N questions (quick runs)")),
+    (
+        "--verify",
+        dict(
+            action="store_true",
+            help="check every activation cache by its sha256 when read (else by size and modification time)",
+        ),
+    ),
 ]
 PROBE_FLAGS = [
     ("--bl", dict(type=float, default=1.0, help="weight of the FNR in the probe loss (paper's alpha)")),
@@ -102,8 +111,21 @@ PROBE_FLAGS = [
 ]
 EVAL_FLAGS = [
     ("--use_mode", dict(default="test", choices=("test", "val"), help="score test or validation questions")),
-    ("--judge_name", dict(default="offline", help="truth judge: offline, local:<hub id or folder>, openai:<name>")),
-    ("--info_name", dict(default="offline", help="informativeness judge, same forms")),
+    (
+        "--judge_name",
+        dict(
+            default="offline",
+            help="truth judge: offline, allenai (the public Llama-2-7B truth / info judges), local:<hub id or "
+            "folder>, openai:<name>",
+        ),
+    ),
+    (
+        "--info_name",
+        dict(
+            default=None,
+            help="informativeness judge, same forms (default: allenai with --judge_name allenai, else offline)",
+        ),
+    ),
     ("--embedder", dict(default="all-MiniLM-L6-v2", help="SEM's sentence embedder")),
     ("--max_questions", dict(type=int, default=None, help="score the first N questions of each split")),
     ("--fold", dict(type=int, default=None, help="score only this fold (default: every fold)")),
@@ -188,8 +210,17 @@ def probe_config(args) -> ProbeConfig:
     return ProbeConfig(args.loss_type, args.bl, args.beta, args.epochs, args.lr, args.probe_seed, args.probe_checkpoint)
 
 
+def info_judge_name(judge_name: str | None, info_name: str | None) -> str | None:
+    """--info_name as given; unset: allenai when --judge_name names that pair, else None (the caller's default)."""
+    if info_name is not None:
+        return info_name
+    return "allenai" if judge_name == "allenai" else None
+
+
 def eval_config(args) -> EvalConfig:
-    """MC1/MC2 and CE/KL: on for test runs, off for validation runs, unless --mc/--no_mc or --ce_kl/--no_ce_kl say."""
+    """MC1/MC2 and CE/KL: on for test runs, off for validation runs, unless --mc/--no_mc or --ce_kl/--no_ce_kl say.
+    --judge_name allenai brings its info judge unless --info_name says otherwise."""
+    args.info_name = info_judge_name(args.judge_name, args.info_name) or "offline"
     names = ("use_mode", "judge_name", "info_name", "embedder", "max_questions", "fold", "max_new_tokens")
     test_run = args.use_mode == "test"
     return EvalConfig(
@@ -205,9 +236,9 @@ def eval_config(args) -> EvalConfig:
 
 
 def run_layout(args, figure_dir=None) -> RunLayout:
-    """The run's output paths; the run holds --out_dir from here on (a second run on it waits, or with
-    SLIM_NO_WAIT=1 stops in one line), so two runs never write the same files at once."""
-    hold_folder(args.out_dir, wait=not os.environ.get("SLIM_NO_WAIT"))
+    """The run's output paths. Runs on one --out_dir go on at once: each artefact is written under its own lock
+    (slim.io.artefact_lock), so a second run wanting the same one waits for it (or, with SLIM_NO_WAIT=1, stops in
+    one line naming it) and then reads it back."""
     return RunLayout(
         Path(args.out_dir),
         model_tag(args.model_name, args.model_dir),
@@ -236,8 +267,18 @@ def model_loader(args):
     return functools.cache(lambda: load_model(args.model_name, **kwargs))
 
 
-def compute_device(args) -> str:
-    return "cpu" if args.device == "auto" else args.device  # where stage 1 trains the probes
+def compute_device(args, load=None) -> str:
+    """Where stage 1 trains the probes (and ITI's torch solver fits): --device; under auto the model's input
+    device when `load` has already loaded it (spread or not), else the GPU with the most free memory (the one
+    `--device auto` loads a model that fits onto), the CPU where there is none."""
+    if not torch.cuda.is_available():
+        return "cpu"  # --device 0 without CUDA: the model loader says once that it runs on the CPU
+    if args.device != "auto":
+        return resolve_device(args.device)  # "0" -> cuda:0; an index that does not exist: one line
+    if load is not None and load.cache_info().currsize:  # loaded already: no load just to ask
+        return str(load().device)
+    free = gpu_free_bytes()
+    return f"cuda:{max(range(len(free)), key=lambda i: (free[i], -i))}" if free else "cpu"
 
 
 def knob(value: str, layout: RunLayout, method: str, param: str) -> float:
@@ -254,6 +295,18 @@ def knob(value: str, layout: RunLayout, method: str, param: str) -> float:
         return float(json.loads(path.read_text())["value"])
     except (ValueError, KeyError, TypeError) as err:
         raise DamagedArtefact(path, f"{type(err).__name__}: {err}", f"run sweep.sh (METHOD={method}) again.") from None
+
+
+def knobs(values, layout: RunLayout, method: str, param: str) -> list[float]:
+    """Each value of a grid flag (`--kappa 0 10 40`, numbers or `best`), in the order given."""
+    return [knob(v, layout, method, param) for v in ([values] if isinstance(values, str) else values)]
+
+
+def locked_save(policy, folder) -> Path:
+    """Save a policy to `folder` under that folder's lock (two runs of the same point write it one after the
+    other); returns the folder."""
+    with artefact_lock(folder):
+        return policy.save(folder)
 
 
 def model_settings(args) -> dict:

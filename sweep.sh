@@ -10,8 +10,9 @@
 #
 # Environment: MODEL, METHOD (slim|iti|linear_act|slim_on_iti_heads|iti_on_slim_layer), KAPPAS, ALPHAS, STRENGTHS, CRITERION (true_info|true|info|sem),
 # MAX_DEGENERACY (a setting above it is never chosen), NUM_FOLD, BL, GAMMA, NUM_HEADS, MAX_QUESTIONS.
-# Extra arguments go to every run. The choice is written to validation/<model>_best_<method>.json,
-# which `ot_edit_layer.py --kappa best` and `validate_2fold.py --alpha best` read.
+# One Python process scores the whole grid (the model and the judges loaded once); extra arguments go to it.
+# The choice is written to validation/<model>_best_<method>.json, which `ot_edit_layer.py --kappa best` and
+# `validate_2fold.py --alpha best` read.
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/env.sh && slim_use_env  # the active environment, else .venv from install.sh (scripts/env.sh)
@@ -30,41 +31,34 @@ OUT_DIR=${OUT_DIR:-validation}
 quick=()
 [ -n "${MAX_QUESTIONS:-}" ] && quick=(--max_questions "$MAX_QUESTIONS")
 
-summaries=()
-written=$(mktemp)  # each run writes the path of its summary here (--summary_out)
+written=$(mktemp)  # the run writes the paths of its summaries here, one per grid value (--summary_out)
 trap 'rm -f "$written"' EXIT
+# one process per method for the whole grid: the model, the probes and the judges are loaded once
 if [ "$METHOD" = slim ]; then
-  param=kappa
-  for k in $KAPPAS; do
-    python ot_edit_layer.py "$MODEL" --num_fold "$NUM_FOLD" --bl "$BL" --alpha "$GAMMA" --kappa "$k" \
-      --use_mode val --out_dir "$OUT_DIR" --summary_out "$written" "${quick[@]}" "$@"
-    summaries+=("$(head -n 1 "$written")")
-  done
+  param=kappa; read -r -a grid <<< "$KAPPAS"
+  run=(ot_edit_layer.py "$MODEL" --bl "$BL" --alpha "$GAMMA" --kappa)
 elif [ "$METHOD" = iti ]; then
-  param=alpha
-  for a in $ALPHAS; do
-    python validate_2fold.py "$MODEL" --num_fold "$NUM_FOLD" --num_heads "$NUM_HEADS" --alpha "$a" \
-      --use_center_of_mass --use_mode val --out_dir "$OUT_DIR" --summary_out "$written" "${quick[@]}" "$@"
-    summaries+=("$(head -n 1 "$written")")
-  done
+  param=alpha; read -r -a grid <<< "$ALPHAS"
+  run=(validate_2fold.py "$MODEL" --num_heads "$NUM_HEADS" --use_center_of_mass --alpha)
 elif [ "$METHOD" = linear_act ]; then
-  param=strength
-  for l in $STRENGTHS; do
-    python linear_act.py "$MODEL" --num_fold "$NUM_FOLD" --strength "$l" \
-      --use_mode val --out_dir "$OUT_DIR" --summary_out "$written" "${quick[@]}" "$@"
-    summaries+=("$(head -n 1 "$written")")
-  done
+  param=strength; read -r -a grid <<< "$STRENGTHS"
+  run=(linear_act.py "$MODEL" --strength)
 elif [ "$METHOD" = slim_on_iti_heads ] || [ "$METHOD" = iti_on_slim_layer ]; then
-  if [ "$METHOD" = slim_on_iti_heads ]; then param=kappa; values=$KAPPAS; else param=alpha; values=$ALPHAS; fi
-  for v in $values; do
-    python mixed_arms.py "$MODEL" --arm "$METHOD" --num_fold "$NUM_FOLD" --bl "$BL" --gamma "$GAMMA" \
-      --num_heads "$NUM_HEADS" --use_center_of_mass "--$param" "$v" \
-      --use_mode val --out_dir "$OUT_DIR" --summary_out "$written" "${quick[@]}" "$@"
-    summaries+=("$(head -n 1 "$written")")
-  done
+  param=alpha; values=$ALPHAS
+  [ "$METHOD" = slim_on_iti_heads ] && param=kappa && values=$KAPPAS
+  read -r -a grid <<< "$values"
+  run=(mixed_arms.py "$MODEL" --arm "$METHOD" --bl "$BL" --gamma "$GAMMA" --num_heads "$NUM_HEADS"
+    --use_center_of_mass "--$param")
 else
   echo "error: METHOD must be slim, iti, linear_act, slim_on_iti_heads or iti_on_slim_layer, got '$METHOD'." >&2
   exit 2
 fi
+if [ ${#grid[@]} -eq 0 ]; then
+  echo "error: the $param grid is empty: set ${param^^}S (e.g. ${param^^}S=\"0 10 40\")." >&2
+  exit 2
+fi
+python "${run[@]}" "${grid[@]}" --num_fold "$NUM_FOLD" --use_mode val --out_dir "$OUT_DIR" --summary_out "$written" \
+  "${quick[@]}" "$@"
+mapfile -t summaries < "$written"
 python -m slim.evaluation.sweep --criterion "$CRITERION" --max_degeneracy "$MAX_DEGENERACY" --param "$param" \
   --method "$METHOD" --out_dir "$OUT_DIR" "${summaries[@]}"

@@ -31,6 +31,7 @@ from slim.answering.prompts import qa_prompt
 from slim.config import COVARIANCES, PSI, ParameterError, SlimConfig, check_int, run_config
 from slim.data.activations import load_probe_data
 from slim.data.folds import questions_and_folds
+from slim.io import artefact_lock
 from slim.paper.overhead import answer_setup, paired_overhead, timed_questions
 from slim.paper.table4 import device_description, table4_components, write_table4
 from slim.paper.timing import (
@@ -82,8 +83,8 @@ def main():
 
     df, folds = questions_and_folds(data_cfg, layout.splits_dir)
     load = su.model_loader(args)
-    data = load_probe_data(df, data_cfg.dataset_name, layout, load, args.batch_size)
-    fold_probes = fit_stage1(data, folds, probe_cfg, layout, data_cfg.dataset_name, su.compute_device(args))
+    data = load_probe_data(df, data_cfg.dataset_name, layout, load, args.batch_size, verify=args.verify)
+    fold_probes = fit_stage1(data, folds, probe_cfg, layout, data_cfg.dataset_name, su.compute_device(args, load))
     fold, split = args.fold, folds[args.fold]
     layer, probes = chosen_layers(fold_probes, cfg.criterion)[fold], fold_probes[args.fold]
     lm = load()
@@ -92,7 +93,7 @@ def main():
     train_rows, val_rows = data.rows_of(split["train"]), data.rows_of(split["val"])
     labels = data.texts["label"].to_numpy()
     t_probes = time_layer_probes(
-        data.activations, labels, train_rows, val_rows, layer, probe_cfg, su.compute_device(args), args.repeats
+        data.activations, labels, train_rows, val_rows, layer, probe_cfg, su.compute_device(args, load), args.repeats
     )
     acts_layer, _ = fold_layer_activations(data, split, layer)
     weight, bias = probes.weight[layer], probes.bias[layer]
@@ -104,9 +105,9 @@ def main():
         truthful = data.texts["truthful"].to_numpy()
         t_iti = time_iti_layer(data.activations, truthful, train_rows, val_rows, layer, "com", args.repeats)
 
-    policy = slim_for_fold(
-        acts_layer, probes, layer, cfg, layout.maps(fold, layer, cfg, probe_cfg), model_fingerprint(lm.model)
-    )
+    maps = layout.maps(fold, layer, cfg, probe_cfg)
+    with artefact_lock(maps):  # fitted by one run; another run waiting here reads them back
+        policy = slim_for_fold(acts_layer, probes, layer, cfg, maps, model_fingerprint(lm.model))
     questions = timed_questions(df, split["test"], args.n_questions_timed)
     prefix, stop = answer_setup(lm, questions, args.prefix_cache, args.stop_at_answer)
     on_gpu = str(lm.device).startswith("cuda")
@@ -176,7 +177,8 @@ def main():
         },
     }
     out = args.out or layout.out_dir / f"table4_{layout.tag}.md"
-    md, js = write_table4(out, header, components, notes, details)
+    with artefact_lock(out):
+        md, js = write_table4(out, header, components, notes, details)
     for c in components:
         print(f"{c['component']}: {c['median']:.4g} {c['unit']} (min {c['min']:.4g}, max {c['max']:.4g}, n {c['n']})")
     print(f"table: {md}\njson: {js}")

@@ -19,7 +19,6 @@ script exits 0.
 
 import argparse
 import datetime
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import slim_utils as su
 from slim.config import EvalConfig
 from slim.evaluation.evaluate import load_scorers
-from slim.io import hold_folder, write_json, write_text
+from slim.io import artefact_lock, write_json, write_text
 from slim.layout import model_tag
 from slim.models.loading import resolve_device
 from slim.paper.nq_open import TransferUnavailable, data_key, load_nq_open
@@ -64,6 +63,13 @@ def json_path(out: Path) -> Path:
 
 def main(argv=None):
     args = flags().parse_args(argv)
+    # two runs asking for the same report: one after the other; other reports (and their answers) at once
+    with artefact_lock(args.out):
+        report(args, argv)
+
+
+def report(args, argv=None) -> None:
+    """The transfer report of `args` (see the module docstring), written to args.out and a JSON beside it."""
     command = "python transfer.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     out = Path(args.out)
@@ -71,6 +77,7 @@ def main(argv=None):
     config = runs[0].config if runs else read_config(args.summaries[0])  # only the unintervened model's
     ran = config.get("eval") or {}
     settings = {f.lstrip("-"): getattr(args, f.lstrip("-")) for f in RUN_FLAGS}
+    settings["info_name"] = su.info_judge_name(settings["judge_name"], settings["info_name"])  # allenai: the pair
     for flag, value in settings.items():
         if value is None:
             settings[flag] = ran.get(EVAL_FIELDS.get(flag, flag), getattr(EvalConfig, EVAL_FIELDS.get(flag, flag)))
@@ -106,9 +113,8 @@ def main(argv=None):
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.summaries[0]).resolve().parent.parent
     tag = model_tag(args.model_name, args.model_dir)
     answers_dir = out_dir / "transfer" / tag / data_key(source)
-    hold_folder(out_dir / "transfer", wait=not os.environ.get("SLIM_NO_WAIT"))  # one transfer run at a time
     lm = su.model_loader(args)()
-    scorers = load_scorers(cfg.judge_name, cfg.info_name, cfg.embedder, tqa_dir)
+    scorers = load_scorers(cfg.judge_name, cfg.info_name, cfg.embedder, tqa_dir, device=str(lm.device))
     result = run_transfer(lm, runs, questions, scorers, answers_dir, cfg, on_row=print_row)
 
     from slim.judges import judge_identity

@@ -219,46 +219,6 @@ def kill_point(stage: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# One run per output folder
-
-_HELD: dict[Path, object] = {}
-
-
-def hold_folder(folder: str | os.PathLike, wait: bool = True) -> Path:
-    """Hold `folder` for the rest of this process (an flock on `folder/.slim.lock`, released at exit).
-
-    A second run on the same folder waits for the first, saying so in one
-    line (its files would otherwise be written by two runs at once); with
-    `wait=False` it stops at once with a one-line error instead.
-    """
-    folder = Path(folder).resolve()
-    if folder in _HELD:
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = open(folder / ".slim.lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = " ".join(lock.read().split()) or "another run"
-        if not wait:
-            lock.close()
-            raise RuntimeError(
-                f"{folder} is in use by {holder}: wait for it to finish or pass another --out_dir."
-            ) from None
-        logging.getLogger("slim").info(
-            "%s is in use by %s: waiting for it to finish (Ctrl-C stops) ...", folder, holder
-        )
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:300]}) since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock.flush()
-    _HELD[folder] = lock  # kept open: closing the file would release the lock
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------
 # One writer per artefact
 
 _LOCKS: dict[Path, list] = {}  # lock file -> [open file, depth]: re-entrant within a process

@@ -17,6 +17,10 @@ questions of each split (`max_questions`) marks the answers and summaries with
         answers/<tag>/<run name>_fold<k>_<split>[_max<N>].csv
         summary/<tag>_<run name>_<split>[_max<N>][_fold<k>only].csv|json|config.json
         <tag>_best_<method>.json                          the sweep's choice
+
+Each computed artefact is written under its own lock, `.<name>.lock` beside it
+(slim.io.artefact_lock): runs on one out_dir go on at once and wait only for
+an artefact another run is writing, which they then read back.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ table names the test behind each of its rows.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -21,11 +22,13 @@ import pytest
 import torch
 
 from conftest import REPO, TQA_DIR, make_tokenizer, tiny_model
+from slim.config import ProbeConfig, SlimConfig
 from slim.data.activations import cached_head_activations, load_cached_activations
 from slim.data.truthfulqa import DataUnavailableError, load_truthfulqa
 from slim.evaluation.metrics import read_summary, write_summary
 from slim.io import DamagedArtefact, check_path, verify, write_checked
 from slim.judges import EmbeddingStore, OfflineJudge, OpenAIJudge, load_judge_data
+from slim.layout import RunLayout
 from slim.policies.fit import fit_slim, iti_for_fold
 from slim.stage1.probes import load_probes, save_probes
 
@@ -412,31 +415,82 @@ def test_scripts_bad_model_dir_embedder_and_warnings_are_one_line(model_dir, tmp
     assert proc.stderr == "warning: UserWarning: two lines\n"
 
 
-def test_second_run_on_the_same_out_dir_waits_or_says_who_holds_it(model_dir, tmp_path):
-    out = tmp_path / "v"
-    out.mkdir()
-    args = ["extract_activations.py", "--model_dir", str(model_dir)]
-    with open(out / ".slim.lock", "a+") as lock:  # a first run, holding the folder
+@contextlib.contextmanager
+def held_by_another_run(artefact, holder: str):
+    """The lock of `artefact` (slim.io.artefact_lock's `.<name>.lock` beside it) held as another run would."""
+    artefact.parent.mkdir(parents=True, exist_ok=True)
+    with open(artefact.with_name(f".{artefact.name}.lock"), "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        lock.write("pid 1 (ot_edit_layer.py --kappa 40) since today\n")
+        lock.write(f"{holder}\n")
         lock.flush()
+        yield
+
+
+def test_a_second_run_wanting_the_same_artefact_waits_or_says_who_holds_it(model_dir, tmp_path):
+    first, out = tmp_path / "first", tmp_path / "v"
+    args = ["choose_edited_layer.py", "--model_dir", str(model_dir), "--epochs", "3", "--no_figures"]
+    assert script(args, first).returncode == 0  # the probes the "first run" below will have written
+    probes = RunLayout(out, "tiny_llama", 10).probes(0, "tqa_mc2", ProbeConfig(epochs=3))
+    with held_by_another_run(probes, "pid 1 (choose_edited_layer.py --epochs 3) since today"):
         proc = script(args, out, env={"SLIM_NO_WAIT": "1"})
         assert proc.returncode == 2 and said(proc.stderr) == [
-            f"error: {out} is in use by pid 1 (ot_edit_layer.py --kappa 40) since today: wait for it to finish "
-            "or pass another --out_dir."
+            f"error: {probes} is being written by pid 1 (choose_edited_layer.py --epochs 3) since today: wait for it "
+            "to finish or pass another --out_dir."
         ]
+        assert (out / "features" / "tiny_llama_first10_tqa_mc2_head_wise.npy").exists()  # what it did is kept
         cmd = [sys.executable, *args, "--device", "cpu", "--n_questions", "10", "--out_dir", str(out)]
-        env = {**os.environ, "SLIM_TQA_DIR": str(TQA_DIR), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "SLIM_TQA_DIR": str(TQA_DIR), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
         second = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        waiting = second.stderr.readline()  # the first thing it says
-        assert waiting.startswith(f"{out} is in use by pid 1") and "waiting for it to finish" in waiting
+        lines = []
+        while not any("waiting for it" in line for line in lines) and len(lines) < 50:
+            lines.append(second.stderr.readline())
+        assert lines[-1].startswith(f"{probes} is being written by pid 1 (choose_edited_layer.py"), lines
         time.sleep(0.5)
-        assert second.poll() is None and not (out / "features").exists()  # it waits: nothing written yet
-    stdout, stderr = second.communicate(timeout=300)  # the first run ended: the second goes ahead
-    assert second.returncode == 0, stderr[-2000:]
-    assert verify(out / "features" / "tiny_llama_first10_tqa_mc2_head_wise.npy") is False  # its record: manifest
-    manifest = json.loads((out / "features" / "tiny_llama_first10_tqa_mc2_head_wise.json").read_text())
-    assert manifest["rows_done"] == manifest["rows"] and "sha256" in manifest
+        assert second.poll() is None and not probes.exists()  # it waits: the probes are not trained twice
+        for f in (first / "probes" / "tiny_llama_first10").glob(f"{probes.name}*"):  # the first run writes them
+            shutil.copy2(f, probes.parent / f.name)
+        written = probes.stat().st_mtime_ns
+    stdout, stderr = second.communicate(timeout=300)  # the first run ended: the second goes on and reads them
+    assert second.returncode == 0 and "chosen layer" in stdout, stderr[-2000:]
+    assert probes.stat().st_mtime_ns == written  # read back, not trained again
+    assert len(list(probes.parent.glob("fold1_*.safetensors"))) == 1  # the other fold: trained by this run
+
+
+def test_runs_of_other_sweep_points_on_one_out_dir_go_on_at_once(model_dir, tmp_path):
+    out = tmp_path / "v"
+    stage1 = script(["choose_edited_layer.py", "--model_dir", str(model_dir), "--epochs", "3", "--no_figures"], out)
+    assert stage1.returncode == 0, stage1.stderr[-2000:]
+    chosen = json.loads(next(out.glob("tiny_llama_first10_chosen_layer_*.json")).read_text())["chosen_layer"]
+    kappa40 = RunLayout(out, "tiny_llama", 10).slim_policy(0, chosen["0"], SlimConfig(0.1, 40.0), ProbeConfig(epochs=3))
+    local = f"local:{model_dir}"
+    point = ["ot_edit_layer.py", "--model_dir", str(model_dir), "--epochs", "3", "--use_mode", "val"]
+    point += ["--judge_name", local, "--info_name", local, "--max_questions", "2", "--max_new_tokens", "3"]
+    with held_by_another_run(kappa40, "pid 1 (ot_edit_layer.py --kappa 40) since today"):
+        same = script([*point, "--kappa", "40"], out, env={"SLIM_NO_WAIT": "1"})
+        assert same.returncode == 2 and said(same.stderr)[-1:] == [
+            f"error: {kappa40} is being written by pid 1 (ot_edit_layer.py --kappa 40) since today: wait for it to "
+            "finish or pass another --out_dir."
+        ], same.stderr[-2000:]
+        # a kappa 40 run in flight, waiting for that policy; meanwhile a kappa 10 run on the same folder goes on
+        waiting = subprocess.Popen(
+            [sys.executable, *point, "--kappa", "40", "--device", "cpu", "--n_questions", "10", "--out_dir", str(out)],
+            cwd=REPO,
+            env={**os.environ, "SLIM_TQA_DIR": str(TQA_DIR), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines = []
+        while not any("waiting for it" in line for line in lines) and len(lines) < 50:
+            lines.append(waiting.stderr.readline())
+        assert lines[-1].startswith(f"{kappa40} is being written by pid 1"), lines
+        other = script([*point, "--kappa", "10"], out, env={"SLIM_NO_WAIT": "1"})
+        assert other.returncode == 0, other.stderr[-2000:]
+        assert list((out / "summary").glob("tiny_llama_first10_slim_kappa10_*_val_max2.json"))
+        assert waiting.poll() is None and not list((out / "summary").glob("tiny_llama_first10_slim_kappa40_*"))
+    stdout, stderr = waiting.communicate(timeout=300)  # the holder is done: the kappa 40 run goes on
+    assert waiting.returncode == 0, stderr[-2000:]
+    assert list((out / "summary").glob("tiny_llama_first10_slim_kappa40_*_val_max2.json"))
 
 
 def test_model_dir_without_tokenizer_or_with_damaged_weights_is_one_line(model_dir, tmp_path):

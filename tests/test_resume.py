@@ -10,7 +10,7 @@ rerun resuming where the last one died, then compares every file with those
 of one uninterrupted run: byte for byte (every stage is deterministic on the
 CPU with one thread, and a resumed stage computes its remaining batches,
 folds or maps exactly as the clean run does), except two things compared
-without them: the activation manifest's `seconds` (the time spent), and the
+without them: the activation manifest's `seconds` and `mtime_ns` (times), and the
 order of the metadata entries in a safetensors header, which the safetensors
 library writes from a hash map, in an order that changes from one process to
 the next; a safetensors file (probes, maps) is therefore compared by its
@@ -150,7 +150,9 @@ def outputs(folder: Path) -> dict[str, object]:
 
     files: dict[str, object] = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix != ".lock"}
     manifest = json.loads(files.pop("acts.json"))
-    files["acts.json"] = {k: v for k, v in manifest.items() if k != "seconds"}
+    files["acts.json"] = {
+        k: v for k, v in manifest.items() if k not in ("seconds", "mtime_ns")
+    }  # times differ by nature
     for name in [n for n in files if n.endswith(".safetensors")]:
         with safe_open(str(folder / name), "np") as f:
             files[name] = (

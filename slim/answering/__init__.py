@@ -4,14 +4,18 @@ Modules, in the order an answer is made:
     prompts     the instruction, the QA primer, qa_prompt, the answer rule (extract_answer, answer_closed)
     prefix      PrefixCache: the shared prompt's key/value cache, computed once per answer file
     decoding    batched greedy decoding that stops a row once its answer is closed
-    answers     answer files: answer_questions (resumable, never reused under another policy or model)
+    answers     answer files: answer_questions (resumable, never reused under another policy or model; on a GPU
+                the batch fits free memory and is halved on running out of it)
     likelihood  MC1/MC2 and CE/KL from the model's log-probabilities
 """
 
 from .answers import (
     ANSWER_COLUMNS,
+    AnsweringOutOfMemory,
     answer_questions,
     answers_source,
+    batch_that_fits,
+    bytes_per_row,
     source_path,
 )
 from .decoding import (
@@ -51,6 +55,9 @@ __all__ = [
     "answers_source",
     "source_path",
     "answer_questions",
+    "AnsweringOutOfMemory",
+    "batch_that_fits",
+    "bytes_per_row",
     "tokenizer_pad_id",
     "left_pad",
     "cache_argument",

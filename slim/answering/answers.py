@@ -1,19 +1,24 @@
 """Answer files: every question answered once and written per batch.
 
 A rerun resumes where the file ends; answers are never reused under another policy, model or prompt.
+On a GPU the batch is capped by what fits in free memory (`batch_that_fits`) and halved when it runs out
+of memory anyway; answers already written stay. One run writes a file at a time (`slim.io.artefact_lock`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from ..config import ANSWER_RULES, check_choice
-from ..io import DamagedArtefact, kill_point, reading, warn_rebuild, write_checked, write_json
+from ..io import DamagedArtefact, artefact_lock, kill_point, reading, warn_rebuild, write_checked, write_json
 from ..models.heads import EditFactory
 from .decoding import generate_greedy, logit_settings
 from .prefix import PrefixCache
@@ -132,6 +137,104 @@ def _answered_elsewhere(out_csv: Path, source: dict, done: pd.DataFrame) -> pd.D
     return done
 
 
+# The share of free GPU memory the answering batch's keys/values and logits may fill: the rest is for the first
+# forward's activations and the allocator's fragmentation (an out-of-memory error still halves the batch).
+MEMORY_SHARE = 0.8
+
+
+class AnsweringOutOfMemory(RuntimeError):
+    """The GPU ran out of memory answering one question at a time."""
+
+
+def _cache_layout(model, prefix: PrefixCache | None) -> list[tuple[torch.device, int]]:
+    """(device, bytes of one position's keys and values for one row) of each layer's cache: read off the prefix's
+    cache where there is one, else from the config (every layer on the embedding's device)."""
+    layers = getattr(getattr(prefix, "cache", None), "layers", None) or []
+    kv = [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in layers]
+    if kv and all(isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k.dim() == 4 for k, v in kv):
+        return [
+            (k.device, k[0, :, 0].numel() * k.element_size() + v[0, :, 0].numel() * v.element_size()) for k, v in kv
+        ]
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    try:
+        heads = getattr(config, "num_attention_heads", None) or config.n_head
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    except AttributeError:  # a config that names them otherwise: no estimate (running out of memory still halves)
+        return []
+    device = model.get_input_embeddings().weight.device
+    return [(device, 2 * kv_heads * head_dim * model.dtype.itemsize)] * n_layers
+
+
+def bytes_per_row(model, prefix: PrefixCache | None, own_tokens: int, max_new_tokens: int) -> dict:
+    """Bytes one more row of an answering batch needs on each device (torch.device -> bytes), at most; {} when the
+    model's cache layout cannot be read.
+
+    Keys/values of the row's `own_tokens` (after the prefix) and `max_new_tokens` in every layer, and of the
+    prefix too where the rows do not share it (`PrefixCache.shared`); twice one layer's keys/values of every
+    position, joined while it attends (and a copy attention may make); the last position's float32 logits.
+    """
+    layout = _cache_layout(model, prefix)
+    if not layout:
+        return {}
+    past = len(prefix) if prefix is not None else 0
+    held = own_tokens + max_new_tokens + (0 if prefix is not None and prefix.shared else past)
+    need: dict = defaultdict(int)
+    for device, per_position in layout:
+        need[device] += per_position * held
+    for device in list(need):
+        need[device] += 2 * max(b for d, b in layout if d == device) * (past + own_tokens + max_new_tokens)
+    head = model.get_output_embeddings()
+    if head is not None:  # its weight (vocab, hidden)
+        need[head.weight.device] += head.weight.shape[0] * 4
+    return dict(need)
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Free memory of a CUDA device, counting what PyTorch's allocator holds unused as free."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def batch_that_fits(requested: int, need: dict, label: str = "answers") -> int:
+    """`requested` (--answer_batch_size), capped so `need` (bytes per row on each device, `bytes_per_row`) times
+    the batch fills at most MEMORY_SHARE of each CUDA device's free memory; one line when capped. Other devices:
+    no cap."""
+    fits, why = requested, ""
+    for device, per_row in need.items():
+        if device.type != "cuda" or per_row <= 0:
+            continue
+        free = _free_bytes(device)
+        rows = max(1, int(MEMORY_SHARE * free // per_row))
+        if rows < fits:
+            fits, why = rows, f"{device}: {free / 2**30:.1f} GiB free, about {per_row / 2**20:.0f} MiB a row"
+    if fits < requested:
+        log.info("%s: --answer_batch_size %d capped at %d to fit free GPU memory (%s).", label, requested, fits, why)
+    return fits
+
+
+def _on_gpu(model) -> bool:
+    """Whether any of the model's weights is on a CUDA device."""
+    return any(p.device.type == "cuda" for p in model.parameters())
+
+
+def _sized_batch(model, tokenizer, prompts: list[str], prefix, max_new_tokens: int, requested: int, label: str) -> int:
+    """The batch to start from: `requested` on a CPU; on a GPU capped by free memory for the longest prompt."""
+    if not _on_gpu(model):
+        return requested
+    seqs = tokenizer(prompts)["input_ids"]
+    own = max(len(s) - (len(prefix) if prefix is not None and prefix.matches(s) else 0) for s in seqs)
+    return batch_that_fits(requested, bytes_per_row(model, prefix, own, max_new_tokens), label)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the accelerator running out of memory."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err)
+    )
+
+
 def answer_questions(
     model,
     tokenizer,
@@ -158,58 +261,91 @@ def answer_questions(
     generation column then stops there too). Answers a file holds under
     another rule are re-extracted from their generations, or answered again
     where a generation stopped too early for that (`_under_rule`).
+    On a GPU `batch_size` is capped by free memory (`batch_that_fits`), and a batch that runs out of memory is
+    answered again in halves (one line each), down to one question (then AnsweringOutOfMemory).
+    The file is held (`artefact_lock`) while it is answered: a second run on it waits, then reads what the
+    first wrote.
     """
     check_choice("answer_rule", answer_rule, ANSWER_RULES)
     out_csv = Path(out_csv)
     source = answers_source(model, edit, max_new_tokens, instruction)
-    done = _answered_elsewhere(out_csv, source, _answers_so_far(out_csv))
-    done, changed = _under_rule(done, answer_rule, out_csv)
-    if changed:  # the file says what is returned, whatever happens next
-        write_checked(out_csv, lambda tmp: done[ANSWER_COLUMNS].to_csv(tmp, index=False))
-    have = set(done["question_idx"].astype(int).tolist())
-    todo = questions[~questions["question_idx"].isin(have)]
-    # Longest prompts first: batches of similar length pad less.
-    todo = todo.assign(_len=todo["Question"].str.len()).sort_values("_len", ascending=False, kind="stable")
-    rows = done.to_dict("records")
-    only_generate = logit_settings(model)
-    if (prefix_cache or stop_at_answer) and only_generate:
-        log.warning(
-            "the generation config sets %s, which only model.generate applies: prompts run in full, "
-            "without stopping at the answer.",
-            ", ".join(only_generate),
-        )
-        prefix_cache = stop_at_answer = False
-    prefix = None
-    if prefix_cache and len(todo):
-        example = qa_prompt(todo["Question"].iloc[0], instruction)
-        prefix = PrefixCache.build(model, tokenizer, shared_prefix(instruction), example=example)
-    with tqdm(
-        total=len(questions),
-        initial=len(questions) - len(todo),
-        desc=f"answers {out_csv.stem}",
-        disable=not progress,
-        unit="q",
-    ) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo.iloc[start : start + batch_size]
-            prompts = [qa_prompt(q, instruction) for q in batch["Question"]]
-            generations = generate_greedy(
-                model,
-                tokenizer,
-                prompts,
-                max_new_tokens,
-                edit,
-                prefix=prefix,
-                stop_at_answer=stop_at_answer,
-                answer_rule=answer_rule,
+    with artefact_lock(out_csv):  # read back inside: what a run that held the file before wrote is not redone
+        done = _answered_elsewhere(out_csv, source, _answers_so_far(out_csv))
+        done, changed = _under_rule(done, answer_rule, out_csv)
+        if changed:  # the file says what is returned, whatever happens next
+            write_checked(out_csv, lambda tmp: done[ANSWER_COLUMNS].to_csv(tmp, index=False))
+        have = set(done["question_idx"].astype(int).tolist())
+        todo = questions[~questions["question_idx"].isin(have)]
+        # Longest prompts first: batches of similar length pad less.
+        todo = todo.assign(_len=todo["Question"].str.len()).sort_values("_len", ascending=False, kind="stable")
+        rows = done.to_dict("records")
+        only_generate = logit_settings(model)
+        if (prefix_cache or stop_at_answer) and only_generate:
+            log.warning(
+                "the generation config sets %s, which only model.generate applies: prompts run in full, "
+                "without stopping at the answer.",
+                ", ".join(only_generate),
             )
-            for idx, q, g in zip(batch["question_idx"], batch["Question"], generations):
-                answer, rule = extract_answer(g, answer_rule), answer_rule
-                rows.append(dict(question_idx=int(idx), question=q, generation=g, answer=answer, answer_rule=rule))
-            write_checked(out_csv, lambda tmp: pd.DataFrame(rows, columns=ANSWER_COLUMNS).to_csv(tmp, index=False))
-            kill_point("answers")
-            bar.update(len(batch))
+            prefix_cache = stop_at_answer = False
+        prefix = None
+        if prefix_cache and len(todo):
+            example = qa_prompt(todo["Question"].iloc[0], instruction)
+            prefix = PrefixCache.build(model, tokenizer, shared_prefix(instruction), example=example)
+        prompts = [qa_prompt(q, instruction) for q in todo["Question"]]
+        if prompts:
+            batch_size = _sized_batch(model, tokenizer, prompts, prefix, max_new_tokens, batch_size, out_csv.stem)
+        generate = functools.partial(
+            generate_greedy,
+            model,
+            tokenizer,
+            max_new_tokens=max_new_tokens,
+            edit=edit,
+            prefix=prefix,
+            stop_at_answer=stop_at_answer,
+            answer_rule=answer_rule,
+        )
+        with tqdm(
+            total=len(questions),
+            initial=len(questions) - len(todo),
+            desc=f"answers {out_csv.stem}",
+            disable=not progress,
+            unit="q",
+        ) as bar:
+            _answer_in_batches(generate, todo, prompts, rows, batch_size, answer_rule, out_csv, bar)
     # Only the questions asked: the file may hold others (another split or subset answered earlier into it).
     result = pd.DataFrame(rows, columns=ANSWER_COLUMNS)
     result = result[result["question_idx"].isin(questions["question_idx"])]
     return result.sort_values("question_idx").reset_index(drop=True)
+
+
+def _answer_in_batches(generate, todo, prompts, rows: list[dict], size: int, answer_rule: str, out_csv: Path, bar):
+    """Answer `todo` (its `prompts`) `size` at a time with `generate(prompts)`, appending to `rows` and writing the
+    file after each batch. A batch that runs out of memory is answered again at half its size (one line), down to
+    one question; then AnsweringOutOfMemory, every answer so far already written."""
+    start = 0
+    while start < len(todo):
+        batch = todo.iloc[start : start + size]
+        generations = None
+        try:
+            generations = generate(prompts[start : start + size])
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+            if not _out_of_memory(err):
+                raise
+        if generations is None:  # out of memory; the error, and the tensors its frames held, are gone here
+            if len(batch) == 1:
+                raise AnsweringOutOfMemory(
+                    f"out of memory answering one question at a time into {out_csv}: lower --answer_batch_size, use a "
+                    "smaller --dtype (bf16 or fp16) or --max_new_tokens, or free the GPU (another process may hold "
+                    f"its memory); the {len(rows)} answers so far are saved there."
+                )
+            size = len(batch) // 2
+            log.warning("out of memory at batch %d: retrying at %d", len(batch), size)
+            torch.cuda.empty_cache()
+            continue
+        for idx, q, g in zip(batch["question_idx"], batch["Question"], generations):
+            answer, rule = extract_answer(g, answer_rule), answer_rule
+            rows.append(dict(question_idx=int(idx), question=q, generation=g, answer=answer, answer_rule=rule))
+        write_checked(out_csv, lambda tmp: pd.DataFrame(rows, columns=ANSWER_COLUMNS).to_csv(tmp, index=False))
+        kill_point("answers")
+        bar.update(len(batch))
+        start += len(batch)

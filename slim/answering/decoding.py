@@ -37,6 +37,49 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
+def _layer_device(layer, default: torch.device) -> torch.device:
+    """Where a cache layer's tensors live: its keys' device, else the device it records, else `default`."""
+    keys = getattr(layer, "keys", None)
+    if isinstance(keys, torch.Tensor):
+        return keys.device
+    device = getattr(layer, "device", None)
+    return torch.device(device) if isinstance(device, (str, torch.device)) else default
+
+
+def select_rows(cache, keep: torch.Tensor):
+    """Keep the rows `keep` (1-D long index) of a key/value cache, in place; returns the cache.
+
+    Under device_map="auto" each layer's keys and values live on its own GPU, and a tensor cannot be
+    indexed by an index on another GPU: each layer gets the index on its own device (copied once per
+    device; on one device nothing is copied). A layer selects with its own `batch_select_indices` (which
+    knows its other state, e.g. a sliding window's), else by indexing its `keys` and `values`; a cache
+    without such `.layers` (a type this code does not know) with the cache's own `batch_select_indices`.
+    """
+    layers = getattr(cache, "layers", None)
+    known = layers is not None and all(
+        callable(getattr(layer, "batch_select_indices", None))
+        or (
+            isinstance(getattr(layer, "keys", None), torch.Tensor)
+            and isinstance(getattr(layer, "values", None), torch.Tensor)
+        )
+        for layer in layers
+    )
+    if not known:
+        cache.batch_select_indices(keep)
+        return cache
+    on_device = {keep.device: keep}
+    for layer in layers:
+        device = _layer_device(layer, keep.device)
+        if device not in on_device:
+            on_device[device] = keep.to(device)
+        index = on_device[device]
+        if callable(getattr(layer, "batch_select_indices", None)):
+            layer.batch_select_indices(index)
+        else:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+    return cache
+
+
 def _decode_rows(
     model,
     tokenizer,
@@ -70,7 +113,8 @@ def _decode_rows(
             **keep_last,
         )
         cache = returned_cache(out)
-        next_ids = out.logits[:, -1].argmax(-1)  # (batch,)
+        # (batch,), on the embedding's device: the logits come from the LM head's, the last GPU under "auto"
+        next_ids = out.logits[:, -1].argmax(-1).to(device)
         ended = []
         for row, token in zip(rows, next_ids.tolist()):
             new[row].append(token)
@@ -79,9 +123,10 @@ def _decode_rows(
         if all(ended) or step + 1 == max_new_tokens:
             break
         if any(ended):
-            keep = torch.tensor([not e for e in ended], device=device).nonzero().flatten()
-            cache.batch_select_indices(keep)
-            rows = [rows[i] for i in keep.tolist()]
+            kept = [i for i, e in enumerate(ended) if not e]
+            keep = torch.tensor(kept, device=device)  # (rows left,) on the embedding's device
+            select_rows(cache, keep)
+            rows = [rows[i] for i in kept]
             next_ids, mask, positions = next_ids[keep], mask[keep], positions[keep]
         ids = next_ids[:, None]
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)

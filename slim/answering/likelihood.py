@@ -14,6 +14,14 @@ mask, counted from each row's own first token whatever the padding or the
 shared-prefix cache, and SLIM's detector decides at each of them. "last"
 keeps the policy's default (the scores then equal the unedited model's).
 An edit whose context is not a HeadTrace (a hook of its own) acts as it does.
+
+Memory: no (batch, seq, vocab) float32 logits are kept. MC projects onto
+the vocabulary only the positions that predict an answer token
+(`logits_to_keep`), CE/KL take the model's logits in its own dtype; both
+compute float32 log-probs CHUNK_POSITIONS positions at a time. MC and CE
+are bitwise what the full logits give; KL too, unless a batch has more than
+CHUNK_POSITIONS predictions, whose chunk sums then round differently
+(relative difference about 1e-7).
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ log = logging.getLogger(__name__)
 
 OPENWEBTEXT = "openwebtext-10k"
 OFFLINE_CORPUS = "tqa-best-answers"
+# Positions whose float32 log-probs over the vocabulary are held at once (Llama-3's 128k vocabulary: 128 MiB).
+CHUNK_POSITIONS = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,29 +99,27 @@ def edit_positions(seqs: list[list[int]], edit_from: Sequence[int]):
     return torch.arange(width)[None, :] >= first[:, None]
 
 
-def forward_logits(
+def _logits(
     model,
     seqs: list[list[int]],
     pad_id: int,
     edit: EditFactory | None = None,
     prefix: PrefixCache | None = None,
     edit_from: Sequence[int] | None = None,
+    keep_last: int | None = None,
 ):
-    """Float32 logits (batch, seq, vocab) of a left-padded batch and its mask (batch, seq), under `edit(model)`.
-
-    With `prefix`, each of `seqs` is what follows the prefix's tokens: only
-    those are run, on a copy of the prefix's cache. `edit_from`: for each
-    row, the first of its tokens (in `seqs[i]`) the edit moves, and every one
-    after it; None leaves the edit at its default (the last position).
-    """
+    """`forward_logits` in the model's own dtype: no float32 copy of (batch, seq, vocab)."""
     import torch
 
     past = len(prefix) if prefix is not None else 0
     ids, mask, positions = left_pad(seqs, pad_id, past)
     device = _model_device(model)
     kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if "position_ids" in inspect.signature(model.forward).parameters:
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" in params:
         kwargs["position_ids"] = positions.to(device)  # padded rows see the positions they would alone
+    if keep_last is not None and "logits_to_keep" in params:
+        kwargs["logits_to_keep"] = keep_last  # the vocabulary projection of those positions only
     if prefix is not None:
         kwargs[cache_argument(model)] = prefix.expand(len(seqs))
     context = edit(model) if edit is not None else contextlib.nullcontext()
@@ -119,7 +127,46 @@ def forward_logits(
         if edit_from is not None and isinstance(trace, HeadTrace):
             trace.positions = edit_positions(seqs, edit_from).to(device)
         logits = model(**kwargs).logits
-    return logits.float(), mask[:, past:].to(logits.device)
+    if keep_last is not None:
+        logits = logits[:, -keep_last:]  # a forward without logits_to_keep gave every position
+    return logits, mask[:, past:].to(logits.device)
+
+
+def forward_logits(
+    model,
+    seqs: list[list[int]],
+    pad_id: int,
+    edit: EditFactory | None = None,
+    prefix: PrefixCache | None = None,
+    edit_from: Sequence[int] | None = None,
+    keep_last: int | None = None,
+):
+    """Float32 logits (batch, seq, vocab) of a left-padded batch and its mask (batch, seq), under `edit(model)`.
+
+    With `prefix`, each of `seqs` is what follows the prefix's tokens: only
+    those are run, on a cache that starts from the prefix's. `edit_from`: for each
+    row, the first of its tokens (in `seqs[i]`) the edit moves, and every one
+    after it; None leaves the edit at its default (the last position).
+    `keep_last`: the logits of the last `keep_last` positions only (batch, keep_last, vocab), computed for those
+    alone where the model's forward takes `logits_to_keep`; the mask still covers every position.
+    """
+    logits, mask = _logits(model, seqs, pad_id, edit, prefix, edit_from, keep_last)
+    return logits.float(), mask
+
+
+def _token_logprobs(logits, targets):
+    """log p(targets[i]) under logits[i] (n, vocab), float32 (n,): CHUNK_POSITIONS positions at a time, so at most
+    that many positions' float32 log-probs over the vocabulary are held at once."""
+    import torch
+
+    return torch.cat(
+        [
+            torch.log_softmax(logits[lo : lo + CHUNK_POSITIONS].float(), dim=-1).gather(
+                -1, targets[lo : lo + CHUNK_POSITIONS, None]
+            )[:, 0]
+            for lo in range(0, len(targets), CHUNK_POSITIONS)
+        ]
+    )
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:
@@ -173,14 +220,14 @@ def answer_logprobs(
         skip = len(prefix) if use_prefix else 0  # tokens held in the prefix's cache, not run again
         seqs = [ids[skip:] for ids, _ in chunk]
         edit_from = [start - skip for _, start in chunk] if edit_at == "every" else None  # the answers' first tokens
-        logits, _ = forward_logits(model, seqs, pad_id, edit, prefix if use_prefix else None, edit_from)
-        logp = torch.log_softmax(logits, dim=-1)
-        width = logits.shape[1]
+        # Only the positions that predict an answer token are scored: the last n + 1 of a row with n answer tokens
+        # (left padding puts every row's end last), the very last predicting past the text.
+        keep = max(len(ids) - start for ids, start in chunk) + 1
+        logits, _ = _logits(model, seqs, pad_id, edit, prefix if use_prefix else None, edit_from, keep_last=keep)
         for row, (ids, start) in enumerate(chunk):
-            offset = width - (len(ids) - skip)  # left padding; token k of `ids` sits at offset + k - skip
-            targets = torch.tensor(ids[start:], device=logp.device)
-            where = torch.arange(offset + start - skip - 1, offset + len(ids) - skip - 1, device=logp.device)
-            out.append(float(logp[row, where, targets].sum()) if len(targets) else 0.0)
+            n = len(ids) - start  # answer tokens; token k >= start is predicted at the position before it
+            targets = torch.tensor(ids[start:], device=logits.device)
+            out.append(float(_token_logprobs(logits[row, keep - 1 - n : keep - 1], targets).sum()) if n else 0.0)
     return np.array(out)
 
 
@@ -319,16 +366,22 @@ def ce_and_kl(
     n_tokens = 0
     for lo in range(0, len(seqs), batch_size):
         chunk = seqs[lo : lo + batch_size]
-        base, mask = forward_logits(model, chunk, pad_id)
+        base, mask = _logits(model, chunk, pad_id)  # (batch, seq, vocab) in the model's dtype
         edit_from = [0] * len(chunk) if edit_at == "every" else None  # every token of every text
-        edited = base if edit is None else forward_logits(model, chunk, pad_id, edit, edit_from=edit_from)[0]
+        edited = base if edit is None else _logits(model, chunk, pad_id, edit, edit_from=edit_from)[0]
         ids, _, _ = left_pad(chunk, pad_id)
         ids = ids.to(base.device)
         scored = (mask[:, :-1] * mask[:, 1:]).bool()  # predictions of a real token from a real token
-        logp_edit = torch.log_softmax(edited[:, :-1][scored], dim=-1)
-        logp_base = torch.log_softmax(base[:, :-1][scored], dim=-1)
+        rows, cols = scored.nonzero(as_tuple=True)  # (n,) each, in the order boolean indexing takes them
         targets = ids[:, 1:][scored]
-        ce_sum += float(-logp_edit.gather(1, targets[:, None]).sum())
-        kl_sum += float((logp_base.exp() * (logp_base - logp_edit)).sum())
+        picked = []  # log p_edited(target) of each scored position, summed once at the end as one tensor
+        # CHUNK_POSITIONS positions at a time: float32 log-probs over the vocabulary of those positions only.
+        for first in range(0, len(targets), CHUNK_POSITIONS):
+            part = slice(first, first + CHUNK_POSITIONS)
+            logp_edit = torch.log_softmax(edited[rows[part], cols[part]].float(), dim=-1)  # (part, vocab)
+            logp_base = logp_edit if edited is base else torch.log_softmax(base[rows[part], cols[part]].float(), dim=-1)
+            picked.append(logp_edit.gather(1, targets[part, None]))
+            kl_sum += float(logp_base.exp().mul_(logp_base - logp_edit).sum())
+        ce_sum += float(-torch.cat(picked).sum())
         n_tokens += int(targets.numel())
     return CEKL(ce=ce_sum / n_tokens, kl=max(kl_sum / n_tokens, 0.0))

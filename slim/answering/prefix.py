@@ -3,8 +3,18 @@
 Every TruthfulQA prompt is the same instruction and six-shot primer (~240
 tokens) followed by a short question, so most of each prompt's forward pass
 is the same work. `PrefixCache.build` runs the shared text once (batch 1, no
-edit attached) and keeps its cache; `expand(batch)` hands each batch a copy,
-and only the rows' own tokens are run on top of it.
+edit attached) and keeps its cache; `expand(batch)` hands each batch a cache
+that starts from it, and only the rows' own tokens are run on top of it.
+
+Memory: the prefix's keys/values are held once, not once per row. A plain
+transformers cache would hold them per row (batch x prefix positions x
+layers: 7B at batch 64 about 7.5 GiB), and its first forward concatenates
+them with the rows' own into a new tensor anyway. `expand` gives each layer
+a `_shared_layer` instead: it keeps only the rows' own keys/values and, in
+each forward, hands attention the prefix's (broadcast over the batch)
+joined with them, a tensor that lives for that layer's attention only. The
+values attention sees are the same, so are the tokens; a cache of another
+kind (e.g. sliding-window layers) is copied per row as before.
 
 Rows of different lengths are left padded *after* the prefix:
 
@@ -19,6 +29,7 @@ prompt instead (`PrefixCache.matches`).
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 
@@ -169,8 +180,79 @@ class PrefixCache:
         n = len(self.ids)
         return len(seq) > n and list(seq[:n]) == self.ids
 
+    @property
+    def shared(self) -> bool:
+        """Whether `expand` shares the prefix's keys/values among the rows (else each row holds a copy)."""
+        layers = getattr(self.cache, "layers", None)
+        kind = _shared_layer()
+        return bool(kind is not None and layers and all(kind.fits(layer) for layer in layers))
+
     def expand(self, batch: int):
-        """A fresh copy of the cache for `batch` rows (the model extends it in place)."""
+        """A cache for `batch` rows that start with the prefix (the model extends it in place; this one is untouched).
+
+        Each layer holds the prefix's keys/values once, shared with this cache and every other expansion, plus
+        the rows' own (`_shared_layer`); a cache of another kind is copied once per row.
+        """
+        if self.shared:
+            cache = copy.copy(self.cache)  # the container only: its layers are replaced, the prefix's not copied
+            cache.layers = [_shared_layer()(layer, batch) for layer in self.cache.layers]
+            return cache
         cache = copy.deepcopy(self.cache)
         cache.batch_repeat_interleave(batch)
         return cache
+
+
+@functools.cache
+def _shared_layer():
+    """The class of one layer's cache whose prefix keys/values (1, heads, P, dim) are shared by every row, and which
+    holds only the rows' own (batch, heads, seq, dim); None without transformers' DynamicLayer. Built on first use:
+    importing transformers' cache module takes seconds."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+
+    class SharedPrefixLayer(DynamicLayer):
+        """DynamicLayer's keys/values (`keys`, `values`) are the rows' own; `prefix_keys`/`prefix_values` come first."""
+
+        @staticmethod
+        def fits(layer) -> bool:
+            """Whether `layer` is a plain DynamicLayer holding one row's keys/values (what the prefix's cache is)."""
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            return (
+                type(layer) is DynamicLayer
+                and isinstance(keys, torch.Tensor)
+                and isinstance(values, torch.Tensor)
+                and keys.dim() == values.dim() == 4
+                and keys.shape[0] == values.shape[0] == 1
+                and keys.shape[2] == values.shape[2] > 0
+            )
+
+        def __init__(self, prefix, batch: int):
+            super().__init__()
+            self.prefix_keys, self.prefix_values = prefix.keys, prefix.values  # (1, heads, P, dim), never written
+            self.dtype, self.device = prefix.keys.dtype, prefix.keys.device
+            # no row's own positions yet: empty (batch, heads, 0, dim), so batch selection works before the first call
+            self.keys = prefix.keys.new_empty((batch, prefix.keys.shape[1], 0, prefix.keys.shape[3]))
+            self.values = prefix.values.new_empty((batch, prefix.values.shape[1], 0, prefix.values.shape[3]))
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            """Keep the rows' new keys/values; return the prefix's and all the rows' (batch, heads, P + seq, dim)."""
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+            batch = self.keys.shape[0]
+            # A new tensor, as DynamicLayer's cat returns, but not kept: it lives while this layer attends.
+            keys = torch.cat([self.prefix_keys.expand(batch, -1, -1, -1), self.keys], dim=-2)
+            values = torch.cat([self.prefix_values.expand(batch, -1, -1, -1), self.values], dim=-2)
+            return keys, values
+
+        def get_seq_length(self, *args, **kwargs) -> int:
+            return self.prefix_keys.shape[-2] + self.keys.shape[-2]
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0 or -tokens_to_remove > self.keys.shape[-2]:  # a negative count: from the end
+                raise NotImplementedError("the shared prompt's cache cannot be cropped into the prefix")
+            super().crop(tokens_to_remove)
+
+    return SharedPrefixLayer

@@ -9,8 +9,6 @@ interrupted run resumes where it stopped and a finished one is simply reused.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -25,8 +23,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .. import io as slim_io  # slim_io.sha256_file looked up at call time: tests count the hashes
 from ..config import __version__
-from ..io import file_record, kill_point, sha256_file, write_json
+from ..io import artefact_lock, file_record, kill_point, write_json
 from ..layout import RunLayout
 from ..models.heads import HeadTrace, left_padded_positions, model_shape
 from .probe_texts import PROBE_TEXT_FORMAT, probe_texts, text_format
@@ -54,8 +53,16 @@ def last_token_head_activations(
             position_ids=left_padded_positions(attention_mask),
             use_cache=False,
         )
-    stacked = torch.stack([trace.activations[l] for l in trace.layers], dim=1)  # (batch, layers, heads, d)
-    return stacked.float().cpu().numpy()
+    return stack_layers([trace.activations[l] for l in trace.layers]).float().cpu().numpy()
+
+
+def stack_layers(records: list[torch.Tensor]) -> torch.Tensor:
+    """(batch, layers, heads, d) from one (batch, heads, d) record per layer, on the first record's device.
+
+    Each record lives on its layer's device (several GPUs under device_map="auto", where torch.stack
+    refuses a mix): the others are copied there first; on one device nothing is copied.
+    """
+    return torch.stack([r.to(records[0].device) for r in records], dim=1)
 
 
 def texts_digest(texts: list[str]) -> str:
@@ -81,11 +88,18 @@ def _manifest(texts, model_name, dataset_name, text_format) -> dict:
 
 
 def load_cached_activations(
-    texts: list[str], path: str | os.PathLike, model_name: str, dataset_name: str, text_format: str = PROBE_TEXT_FORMAT
+    texts: list[str],
+    path: str | os.PathLike,
+    model_name: str,
+    dataset_name: str,
+    text_format: str = PROBE_TEXT_FORMAT,
+    verify: bool = False,
 ) -> np.ndarray | None:
     """The finished cache at `path` (.npy) for exactly these texts, or None (no model needed to look).
 
-    A damaged cache is None too: `cached_head_activations` then says so and extracts it again.
+    A damaged cache is None too: `cached_head_activations` then says so and extracts it again. The cache
+    is checked by its size and modification time against its manifest, and read whole for its sha256 only
+    when those changed or with `verify` (see `_cache_problem`).
     """
     array_path = Path(path)
     manifest_path = array_path.with_suffix(".json")
@@ -95,7 +109,7 @@ def load_cached_activations(
     expected = _manifest(texts, model_name, dataset_name, text_format)
     if old is None or {k: old.get(k) for k in expected} != expected or old.get("rows_done", 0) < len(texts):
         return None
-    if _cache_problem(array_path, manifest_path, old):
+    if _cache_problem(array_path, manifest_path, old, verify):
         return None
     return np.load(array_path, mmap_mode="r")
 
@@ -126,28 +140,61 @@ def _npy_size(array_path: Path, shape: list[int]) -> int | str:
     return offset + int(np.prod(shape)) * 2
 
 
-def _cache_problem(array_path: Path, manifest_path: Path, manifest: dict) -> str | None:
+# A same-size write within one tick of the file system's clock (coarse: milliseconds, FAT 2 s) keeps the
+# modification time, so a cache whose manifest was written less than this after it is hashed on read ("racy",
+# as git calls it), then its manifest is written again, after which the time alone is trusted.
+_RACY_NS = 2_000_000_000
+
+
+def _cache_problem(array_path: Path, manifest_path: Path, manifest: dict, verify: bool = False) -> str | None:
     """What is wrong with the cache against its manifest (None: it is sound).
 
     The size is always checked (from the manifest, or for caches written
-    before it recorded one, from the .npy header); a finished cache's sha256
-    too. A finished cache written before sha256s were recorded gets one now,
-    so later damage is caught.
+    before it recorded one, from the .npy header). A finished cache is read
+    for its sha256 only when its modification time differs from the one the
+    manifest recorded with the sha256 (or is too close to the manifest's
+    own, see _RACY_NS), or with `verify`; a sound one then gets the time (and
+    one written before sha256s were recorded, its sha256), so the next read
+    is cheap again and later damage is caught.
     """
     expected = manifest.get("bytes")
     if expected is None and "shape" in manifest:
         expected = _npy_size(array_path, manifest["shape"])
         if isinstance(expected, str):
             return expected
-    size = array_path.stat().st_size
-    if expected is not None and size != expected:
-        return f"{size} bytes, {expected} written"
+    stat = array_path.stat()
+    if expected is not None and stat.st_size != expected:
+        return f"{stat.st_size} bytes, {expected} written"
     if manifest.get("rows_done", 0) < manifest.get("rows", 0):
         return None  # unfinished: its rows are checked by the size only, and it resumes
-    if "sha256" in manifest:
-        return None if sha256_file(array_path) == manifest["sha256"] else "its sha256 differs from the manifest's"
-    write_json(manifest_path, {**manifest, **file_record(array_path)})
+    recorded = "sha256" in manifest and manifest.get("mtime_ns") == stat.st_mtime_ns
+    settled = recorded and manifest_path.stat().st_mtime_ns - stat.st_mtime_ns > _RACY_NS
+    if settled and not verify:
+        return None  # as it was when hashed: not read
+    digest = slim_io.sha256_file(array_path)
+    if digest != manifest.get("sha256", digest):
+        return "its sha256 differs from the manifest's"
+    if not settled:
+        _update_manifest(
+            manifest_path, manifest, {"bytes": stat.st_size, "sha256": digest, "mtime_ns": stat.st_mtime_ns}
+        )
     return None
+
+
+def _update_manifest(manifest_path: Path, manifest: dict, record: dict) -> None:
+    """Write `record` into the manifest read as `manifest`, unless another run rewrote it meanwhile; a manifest
+    this run may not write (a shared, read-only cache) is left as it is: the cache is then hashed on each read."""
+    try:
+        if _read_manifest(manifest_path) == manifest:
+            write_json(manifest_path, {**manifest, **record})
+    except OSError:
+        pass
+
+
+def _finished_record(array_path: Path) -> dict:
+    """The record of a finished cache: size, sha256, and the modification time they belong to."""
+    mtime = array_path.stat().st_mtime_ns  # before hashing: a write during it shows as another time
+    return {**file_record(array_path), "mtime_ns": mtime}
 
 
 def cached_head_activations(
@@ -161,19 +208,23 @@ def cached_head_activations(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    verify: bool = False,
 ) -> np.ndarray:
     """All-layer last-token activations for `texts`, cached at `path` (.npy, manifest .json beside it).
 
     Returns a read-only memory map of shape (N, L, H, d), float16. The manifest
     records model, dataset, the texts' format, dtype, row count, a digest of
-    the texts and the code version; any mismatch recomputes from scratch.
+    the texts and the code version; any mismatch recomputes from scratch. One
+    run extracts at a time (`slim.io.artefact_lock` on `path`); one that waited
+    reuses what the other wrote. `verify`: read a finished cache whole for its
+    sha256 even when its size and modification time match its manifest.
     """
     if len(texts) == 0:
         raise ValueError("no texts to extract activations for.")
     array_path = Path(path)
     array_path.parent.mkdir(parents=True, exist_ok=True)
     manifest_path = array_path.with_suffix(".json")
-    with _exclusive(array_path.with_suffix(".lock")):
+    with artefact_lock(array_path):
         return _fill_cache(
             model,
             tokenizer,
@@ -186,24 +237,8 @@ def cached_head_activations(
             batch_size,
             device,
             progress,
+            verify,
         )
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """One writer per cache file: a second process gets a clear error instead of racing the first."""
-    with open(lock_path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(
-                f"another process is extracting into {lock_path.with_suffix('.npy')}: "
-                "wait for it to finish (it resumes if stopped)."
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _fill_cache(
@@ -218,6 +253,7 @@ def _fill_cache(
     batch_size,
     device,
     progress,
+    verify,
 ) -> np.ndarray:
     n_layers, n_heads, head_dim = model_shape(model)
     manifest = {
@@ -228,11 +264,11 @@ def _fill_cache(
     # first batch shows the worst-case memory at once.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     done, seconds = 0, 0.0
-    if manifest_path.exists() and array_path.exists():
+    if manifest_path.exists() and array_path.exists():  # under the lock: also what a run we waited for wrote
         old = _read_manifest(manifest_path)
         problem = "unreadable manifest" if old is None else None
         if old is not None and {k: old.get(k) for k in manifest} == manifest:
-            problem = _cache_problem(array_path, manifest_path, old)
+            problem = _cache_problem(array_path, manifest_path, old, verify)
             if not problem:
                 done, seconds = int(old.get("rows_done", 0)), float(old.get("seconds", 0.0))
                 if done >= len(texts):
@@ -260,9 +296,22 @@ def _fill_cache(
             kill_point("activations")
             bar.update(len(rows))
     del array
-    # finished: its sha256 goes into the manifest, checked whenever the cache is read back
-    write_json(manifest_path, {**manifest, "rows_done": len(texts), "seconds": seconds, **file_record(array_path)})
+    # finished: its sha256 and modification time go into the manifest, checked whenever the cache is read back
+    write_json(manifest_path, {**manifest, "rows_done": len(texts), "seconds": seconds, **_finished_record(array_path)})
     return np.load(array_path, mmap_mode="r")
+
+
+def _state(array_path: Path) -> tuple:
+    """Size and modification time of the cache and of its manifest (None: missing), to tell whether another run
+    wrote them meanwhile."""
+    state = []
+    for p in (array_path, array_path.with_suffix(".json")):
+        try:
+            st = p.stat()
+            state.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            state.append(None)
+    return tuple(state)
 
 
 @dataclass
@@ -284,27 +333,38 @@ def load_probe_data(
     layout: RunLayout,
     load_model: Callable[[], object],
     batch_size: int = 16,
+    verify: bool = False,
 ) -> ProbeData:
     """The probe texts of `questions` and their activations, read from the run's cache or extracted into it.
 
     `load_model()` returns a loaded model (slim.models.LoadedModel); it is only
-    called when the cache is missing or stale.
+    called when the cache is missing or stale, and not while another run
+    extracts the same cache (this one waits and reads it). `verify`: check a
+    finished cache by its sha256 (read whole) even when its size and
+    modification time match its manifest.
     """
     texts = probe_texts(questions, dataset_name)
     text_list = texts["text"].tolist()
-    path, run_tag = layout.features(dataset_name), layout.tag
-    acts = load_cached_activations(text_list, path, run_tag, dataset_name, text_format(dataset_name))
+    path, run_tag = Path(layout.features(dataset_name)), layout.tag
+    look = (text_list, path, run_tag, dataset_name, text_format(dataset_name))
+    before = _state(path)
+    acts = load_cached_activations(*look, verify=verify)
     if acts is None:
-        lm = load_model()
-        acts = cached_head_activations(
-            lm.model,
-            lm.tokenizer,
-            text_list,
-            path,
-            model_name=run_tag,
-            dataset_name=dataset_name,
-            text_format=text_format(dataset_name),
-            batch_size=batch_size,
-            device=lm.device,
-        )
+        with artefact_lock(path):
+            if _state(path) != before:  # written by a run this one waited for: look again before loading the model
+                acts = load_cached_activations(*look, verify=verify)
+            if acts is None:
+                lm = load_model()
+                acts = cached_head_activations(
+                    lm.model,
+                    lm.tokenizer,
+                    text_list,
+                    path,
+                    model_name=run_tag,
+                    dataset_name=dataset_name,
+                    text_format=text_format(dataset_name),
+                    batch_size=batch_size,
+                    device=lm.device,
+                    verify=verify,
+                )
     return ProbeData(texts, acts, f"{run_tag}/{dataset_name}/{texts_digest(text_list)}")

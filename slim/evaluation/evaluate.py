@@ -28,12 +28,16 @@ from ..models.heads import EditFactory
 __all__ = [
     "Scorers",
     "load_scorers",
+    "Measured",
+    "measure",
+    "judge_measured",
     "evaluate",
     "evaluate_method",
     "fold_average",
     "format_row",
     "MethodResult",
     "evaluate_methods",
+    "release_subject",
     "policy_folder",
 ]
 
@@ -52,8 +56,8 @@ class Scorers:
 
 
 def load_scorers(judge_name: str, info_name: str, embedder_name: str, tqa_dir=None, device="cpu") -> Scorers:
-    """The truth judge, the info judge (by their names, see slim.judges.make_judge) and SEM's sentence embedder,
-    loaded once for every method a run scores."""
+    """The truth judge, the info judge (by their names, see slim.judges.make_judge; local ones on `device`, the
+    run's: cpu, cuda:N or auto) and SEM's sentence embedder, loaded once for every method a run scores."""
     from ..judges import make_judge
     from ..models.embedder import load_embedder
 
@@ -106,16 +110,23 @@ def _write_metrics_cache(path: Path, key: dict | None, metrics: dict) -> None:
         write_json(path, {"key": key, "metrics": metrics})
 
 
-def evaluate(
+@dataclass
+class Measured:
+    """A fold's answers and what the subject model measured of them (nothing judged yet): `measure` makes it,
+    `judge_measured` scores it."""
+
+    answers: pd.DataFrame  # the answers file's rows
+    questions: pd.DataFrame  # the questions asked (question_idx, references)
+    answers_csv: Path
+    firing: dict  # {"firing_rate": ...} for SLIM (the share of decoded positions where its layer fired), else {}
+    likelihood: dict  # MC1/MC2 and CE/KL, when asked for
+
+
+def measure(
     lm,
     questions: pd.DataFrame,
     edit: EditFactory | None,
-    method: str,
-    params: dict,
-    fold: int,
-    split: str,
     answers_csv: Path,
-    scorers: Scorers,
     batch_size: int = 64,
     max_new_tokens: int = 50,
     mc: bool = False,
@@ -123,18 +134,13 @@ def evaluate(
     tqa_dir=None,
     prefix_cache: bool = True,
     stop_at_answer: bool = True,
-    scored_csv: Path | None = None,
     answer_rule: str = "published",
     likelihood_edit: str = "every",
-) -> dict:
-    """Answer `questions` with `edit` active, then score the answers: one summary row.
-
-    The answers go to `answers_csv` (resumed if it exists), the scored answers to `scored_csv`
-    (default: beside it, `<answers>_scored.csv`)."""
+) -> Measured:
+    """Everything of `evaluate` that needs the subject model: the answers (to `answers_csv`, resumed if it
+    exists), SLIM's firing rate, MC1/MC2 and CE/KL (cached beside the answers)."""
     from ..answering.answers import answer_questions
     from ..answering.likelihood import ce_and_kl, load_text_corpus, mc_scores
-    from ..judges import judge_identity
-    from .metrics import degeneracy_rate, sem_scores, summary_row, true_info
 
     counts = getattr(edit, "reset_counts", None)
     if callable(counts):
@@ -151,34 +157,20 @@ def evaluate(
         stop_at_answer=stop_at_answer,
         answer_rule=answer_rule,
     )
-    by_idx = questions.set_index("question_idx")
-    qs = answers["question"].tolist()
-    ans = answers["answer"].tolist()
-    truth = scorers.truth_judge.score(qs, ans)
-    info = scorers.info_judge.score(qs, ans)
-    refs = by_idx.loc[answers["question_idx"]]
-    _, sem = sem_scores(scorers.embedder, ans, refs["Correct Answers"].tolist(), refs["Incorrect Answers"].tolist())
-    answers = answers.assign(truth_score=truth, info_score=info)
-    write_csv(answers, scored_csv or scored_path(answers_csv))
-    metrics = {
-        **true_info(truth > 0.5, info > 0.5),
-        "sem": sem,
-        "degeneracy": degeneracy_rate(ans),
-        # share of the positions decoded in this run (not those of answers read back) where SLIM's layer fired
-        **({"firing_rate": edit.firing_rate()} if callable(counts) else {}),
-        "n_questions": len(answers),
-    }
+    # share of the positions decoded in this run (not those of answers read back) where SLIM's layer fired
+    firing = {"firing_rate": edit.firing_rate()} if callable(counts) else {}
     # MC1/MC2, CE/KL and the firing rate are kept beside the answers, keyed by what made them, so a rerun that
     # reads every answer back recomputes none of them (and still reports the rate its decoding measured)
     cache_path = answers_csv.with_name(answers_csv.stem + ".metrics.json")
     key = _metrics_key(answers_csv, questions, likelihood_edit, tqa_dir)
     cached = _read_metrics_cache(cache_path, key)
     before = dict(cached)
+    likelihood = {}
     if callable(counts):
-        if metrics["firing_rate"] is None:  # nothing decoded in this run: the rate measured when it was
-            metrics["firing_rate"] = cached.get("firing_rate")
+        if firing["firing_rate"] is None:  # nothing decoded in this run: the rate measured when it was
+            firing["firing_rate"] = cached.get("firing_rate")
         else:
-            cached["firing_rate"] = metrics["firing_rate"]
+            cached["firing_rate"] = firing["firing_rate"]
     if mc:
         if "mc" not in cached:
             cached["mc"] = mc_scores(
@@ -186,15 +178,50 @@ def evaluate(
             )
             _write_metrics_cache(cache_path, key, cached)  # minutes of work: kept before CE/KL starts
             before = dict(cached)
-        metrics.update(cached["mc"])
+        likelihood.update(cached["mc"])
     if ce_kl:  # the unintervened model gets its CE and a KL of 0
         if "ce_kl" not in cached:
             texts, corpus = load_text_corpus(tqa_dir=tqa_dir)
             result = ce_and_kl(lm.model, lm.tokenizer, texts, edit=edit, edit_at=likelihood_edit)
             cached["ce_kl"] = {"ce": float(result.ce), "kl": float(result.kl), "ce_kl_corpus": corpus}
-        metrics.update(cached["ce_kl"])
+        likelihood.update(cached["ce_kl"])
     if cached != before:  # a rerun that read everything back writes nothing
         _write_metrics_cache(cache_path, key, cached)
+    return Measured(answers, questions, answers_csv, firing, likelihood)
+
+
+def judge_measured(
+    measured: Measured,
+    scorers: Scorers,
+    method: str,
+    params: dict,
+    fold: int,
+    split: str,
+    scored_csv: Path | None = None,
+) -> dict:
+    """Score measured answers with the run's judges and embedder (to `scored_csv`, default
+    `<answers>_scored.csv`): one summary row."""
+    from ..judges import judge_identity
+    from .metrics import degeneracy_rate, sem_scores, summary_row, true_info
+
+    answers = measured.answers
+    by_idx = measured.questions.set_index("question_idx")
+    qs = answers["question"].tolist()
+    ans = answers["answer"].tolist()
+    truth = scorers.truth_judge.score(qs, ans)
+    info = scorers.info_judge.score(qs, ans)
+    refs = by_idx.loc[answers["question_idx"]]
+    _, sem = sem_scores(scorers.embedder, ans, refs["Correct Answers"].tolist(), refs["Incorrect Answers"].tolist())
+    answers = answers.assign(truth_score=truth, info_score=info)
+    write_csv(answers, scored_csv or scored_path(measured.answers_csv))
+    metrics = {
+        **true_info(truth > 0.5, info > 0.5),
+        "sem": sem,
+        "degeneracy": degeneracy_rate(ans),
+        **measured.firing,
+        "n_questions": len(answers),
+        **measured.likelihood,
+    }
     return summary_row(
         method,
         {
@@ -209,6 +236,14 @@ def evaluate(
         split,
         **metrics,
     )
+
+
+def evaluate(lm, questions, edit, method, params, fold, split, answers_csv, scorers, scored_csv=None, **options):
+    """Answer `questions` with `edit` active, then score the answers: one summary row (`measure`, then
+    `judge_measured`; `options` are measure's). The answers go to `answers_csv` (resumed if it exists), the
+    scored answers to `scored_csv` (default: beside it, `<answers>_scored.csv`)."""
+    measured = measure(lm, questions, edit, answers_csv, **options)
+    return judge_measured(measured, scorers, method, params, fold, split, scored_csv)
 
 
 def fold_average(rows: list[dict]) -> dict:
@@ -259,6 +294,64 @@ class MethodResult:
     summary_json: Path  # rows + mean; .csv beside it, and .config.json with the run's configuration
 
 
+# EvalConfig's fields that `measure` takes
+MEASURE_OPTIONS = "batch_size max_new_tokens mc ce_kl prefix_cache stop_at_answer answer_rule likelihood_edit".split()
+
+
+def _check_fold(cfg: EvalConfig, folds: list[dict]) -> None:
+    if cfg.fold is not None and cfg.fold >= len(folds):
+        raise ParameterError("fold", f"must lie in 0..{len(folds) - 1}, got {cfg.fold}.")
+
+
+def _measure_folds(lm, questions, folds, method, params, edit_for_fold, cfg, layout, tqa_dir):
+    """What the subject model makes of each scored fold, one fold each time the generator is asked:
+    (fold, Measured, whose answers, scored CSV, policy folder, policy digest)."""
+    name = method_name(method, params)
+    for fold, split in enumerate(folds):
+        if cfg.fold is not None and fold != cfg.fold:
+            continue
+        qs = split_questions(questions, split[cfg.use_mode], cfg.max_questions)
+        edit, answered_by = edit_for_fold(fold), name
+        folder = policy_folder(edit, layout, name, fold)  # where the fold's policy lives (transfer.py reads it)
+        digest = edit.digest() if folder is not None else None
+        if getattr(edit, "moves_nothing", False):
+            # e.g. SLIM at kappa 0: its answers are the unintervened model's, token for token (tested), so
+            # the unintervened answers are read or written instead of answering the same questions again.
+            edit, answered_by = None, "baseline"
+        answers_csv = layout.answers(answered_by, fold, cfg.use_mode, cfg.max_questions)
+        options = {k: getattr(cfg, k) for k in MEASURE_OPTIONS}
+        measured = measure(lm, qs, edit, answers_csv, tqa_dir=tqa_dir, **options)
+        scored_csv = scored_path(layout.answers(name, fold, cfg.use_mode, cfg.max_questions))
+        yield fold, measured, answered_by, scored_csv, folder, digest
+
+
+def _judge_folds(work, method, params, scorers, cfg, layout, config, on_row) -> MethodResult:
+    """Score each measured fold of `work` (as `_measure_folds` yields them) and write the method's summary."""
+    from .metrics import write_summary
+
+    rows, policy_dirs, policy_digests = [], {}, {}
+    for fold, measured, answered_by, scored_csv, folder, digest in work:
+        if folder is not None:
+            policy_dirs[str(fold)], policy_digests[str(fold)] = str(folder), digest
+        row = judge_measured(measured, scorers, method, params, fold, cfg.use_mode, scored_csv)
+        row["answers_of"] = answered_by
+        row["scored_answers"] = str(scored_csv)  # per-question verdicts: paired intervals (slim.evaluation.reports)
+        row["model"] = layout.model
+        row["run"] = layout.tag
+        rows.append(row)
+        if on_row:
+            on_row(row)
+    mean = fold_average(rows)
+    stem = layout.summary_stem(method_name(method, params), cfg.use_mode, cfg.max_questions, cfg.fold)
+    summary_json = Path(f"{stem}.json")
+    write_summary(rows + [mean], Path(f"{stem}.csv"), summary_json)
+    policies = {"policy_dirs": policy_dirs, "policy_digests": policy_digests} if policy_dirs else {}
+    write_json(Path(f"{stem}.config.json"), {"method": method, "params": params, **(config or {}), **policies})
+    if on_row:
+        on_row(mean)
+    return MethodResult(rows, mean, summary_json)
+
+
 def evaluate_method(
     lm,
     questions: pd.DataFrame,
@@ -282,82 +375,56 @@ def evaluate_method(
     saveable policy (`policy_folder`; the unintervened model records none).
     `on_row(row)` is called as each row is ready.
     """
-    if cfg.fold is not None and cfg.fold >= len(folds):
-        raise ParameterError("fold", f"must lie in 0..{len(folds) - 1}, got {cfg.fold}.")
-    from .metrics import write_summary
+    _check_fold(cfg, folds)
+    work = _measure_folds(lm, questions, folds, method, params, edit_for_fold, cfg, layout, tqa_dir)
+    return _judge_folds(work, method, params, scorers, cfg, layout, config, on_row)  # each fold judged once measured
 
-    name = method_name(method, params)
-    rows = []
-    policy_dirs, policy_digests = {}, {}
-    for fold, split in enumerate(folds):
-        if cfg.fold is not None and fold != cfg.fold:
-            continue
-        qs = split_questions(questions, split[cfg.use_mode], cfg.max_questions)
-        edit, answered_by = edit_for_fold(fold), name
-        folder = policy_folder(edit, layout, name, fold)
-        if folder is not None:  # where the fold's policy lives, for later use (transfer.py reads it)
-            policy_dirs[str(fold)], policy_digests[str(fold)] = str(folder), edit.digest()
-        if getattr(edit, "moves_nothing", False):
-            # e.g. SLIM at kappa 0: its answers are the unintervened model's, token for token (tested), so
-            # the unintervened answers are read or written instead of answering the same questions again.
-            edit, answered_by = None, "baseline"
-        answers_csv = layout.answers(answered_by, fold, cfg.use_mode, cfg.max_questions)
-        scored_csv = scored_path(layout.answers(name, fold, cfg.use_mode, cfg.max_questions))
-        row = evaluate(
-            lm,
-            qs,
-            edit,
-            method,
-            params,
-            fold,
-            cfg.use_mode,
-            answers_csv,
-            scorers,
-            batch_size=cfg.batch_size,
-            max_new_tokens=cfg.max_new_tokens,
-            mc=cfg.mc,
-            ce_kl=cfg.ce_kl,
-            tqa_dir=tqa_dir,
-            prefix_cache=cfg.prefix_cache,
-            stop_at_answer=cfg.stop_at_answer,
-            scored_csv=scored_csv,
-            answer_rule=cfg.answer_rule,
-            likelihood_edit=cfg.likelihood_edit,
-        )
-        row["answers_of"] = answered_by
-        row["scored_answers"] = str(scored_csv)  # per-question verdicts: paired intervals (slim.evaluation.reports)
-        row["model"] = layout.model
-        row["run"] = layout.tag
-        rows.append(row)
-        if on_row:
-            on_row(row)
-    mean = fold_average(rows)
-    stem = layout.summary_stem(name, cfg.use_mode, cfg.max_questions, cfg.fold)
-    summary_json = Path(f"{stem}.json")
-    write_summary(rows + [mean], Path(f"{stem}.csv"), summary_json)
-    policies = {"policy_dirs": policy_dirs, "policy_digests": policy_digests} if policy_dirs else {}
-    write_json(Path(f"{stem}.config.json"), {"method": method, "params": params, **(config or {}), **policies})
-    if on_row:
-        on_row(mean)
-    return MethodResult(rows, mean, summary_json)
+
+def release_subject(lm) -> None:
+    """Drop the subject model (`lm.model`) and hand its GPU memory back, for the judges to load."""
+    import gc
+
+    import torch
+
+    lm.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.info("memory is short: the subject model was released before the judges load (every answer is made).")
 
 
 def evaluate_methods(
     lm,
     questions: pd.DataFrame,
     folds: list[dict],
-    runs: list[tuple[str, dict, dict]],
+    runs: list[tuple],
     cfg: EvalConfig,
     layout: RunLayout,
     config: dict | None = None,
     tqa_dir=None,
     on_row: Callable[[dict], None] | None = None,
 ) -> list[MethodResult]:
-    """`evaluate_method` for each (method, params, {fold: policy}) of `runs`, all scored by the same judges."""
-    scorers = load_scorers(cfg.judge_name, cfg.info_name, cfg.embedder, tqa_dir)
+    """`evaluate_method` for each (method, params, {fold: policy}) of `runs` (a fourth item: that run's own
+    `config`), all scored by the same judges, loaded on the run's device (`lm.device`).
+
+    When the judges are local ones on a GPU whose free memory cannot hold them
+    beside the subject model (slim.judges.local.release_subject_first), every
+    run's answers and likelihood metrics are made first, the subject model is
+    released (`lm.model` is None afterwards), and then the judges load and
+    score; the files written are the same either way.
+    """
+    from ..judges.local import release_subject_first
+
+    _check_fold(cfg, folds)
+    device = str(getattr(lm, "device", "cpu"))
+    scorers = load_scorers(cfg.judge_name, cfg.info_name, cfg.embedder, tqa_dir, device=device)
+    runs = [(method, params, policies, rest[0] if rest else config) for method, params, policies, *rest in runs]
+    # generators: each fold is measured when its judging asks for it, as in evaluate_method ...
+    works = [_measure_folds(lm, questions, folds, m, p, pol.get, cfg, layout, tqa_dir) for m, p, pol, _ in runs]
+    if release_subject_first([scorers.truth_judge, scorers.info_judge]):
+        works = [list(work) for work in works]  # ... unless memory is short: every fold of every run first
+        release_subject(lm)
     return [
-        evaluate_method(
-            lm, questions, folds, method, params, policies.get, scorers, cfg, layout, config, tqa_dir, on_row
-        )
-        for method, params, policies in runs
+        _judge_folds(work, method, params, scorers, cfg, layout, own, on_row)
+        for work, (method, params, _, own) in zip(works, runs)
     ]

@@ -1,4 +1,8 @@
-"""Pick the best setting of a sweep from its validation summaries.
+"""A sweep: every value of a knob evaluated in one process, and the best setting picked from its summaries.
+
+`evaluate_grid` answers and scores several runs (one per grid value) with the
+model and the judges loaded once; `at_knob` gives a fitted policy at another
+value of its knob without fitting it again.
 
     python -m slim.evaluation.sweep --criterion true_info --max_degeneracy 0.2 --param kappa --method slim \
         --out_dir validation validation/summary/smollm2_135M_slim_*_val.json
@@ -14,11 +18,66 @@ model can score well on SEM.
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
+from typing import Callable
 
+from ..io import artefact_lock
 from .metrics import check_same_judges, read_summary
 
 CRITERIA = ("true_info", "true", "info", "sem")
+
+
+def at_knob(policy, **knobs):
+    """The fitted `policy` at other knob values (e.g. kappa=10): the same tensors, fingerprint and meta, a new
+    object not saved anywhere. Policy.load builds policies the same way, from their tensors and params()."""
+    tensors = {name: getattr(policy, name) for name in policy.tensor_names}
+    unknown = sorted(set(knobs) - set(policy.params()))
+    if unknown:
+        raise ValueError(f"a {policy.kind} policy has no knob {unknown[0]!r} (its knobs: {sorted(policy.params())}).")
+    params = {**policy.params(), **knobs}
+    return type(policy)(**tensors, **params, fingerprint=policy.fingerprint, meta=copy.deepcopy(policy.meta))
+
+
+def save_run_policies(runs, cfg, layout) -> None:
+    """Save each run's fold policies that are not on disk yet where evaluation would (slim.evaluation.evaluate.
+    policy_folder: `<out_dir>/policies/<tag>/<run name>_fold<k>`), each under its folder's lock, so two runs of
+    the same point never write one folder at once. Only the folds that will be scored (cfg.fold)."""
+    from ..layout import method_name
+
+    for method, params, policies, _ in runs:
+        for fold, policy in policies.items():
+            if cfg.fold is not None and fold != cfg.fold:
+                continue
+            if (
+                policy is None
+                or getattr(policy, "folder_", None) is not None
+                or not callable(getattr(policy, "save", None))
+            ):
+                continue
+            folder = layout.out_dir / "policies" / layout.tag / f"{method_name(method, params)}_fold{fold}"
+            with artefact_lock(folder):
+                policy.save(folder)
+
+
+def evaluate_grid(
+    lm,
+    questions,
+    folds: list[dict],
+    runs: list[tuple[str, dict, dict, dict]],
+    cfg,
+    layout,
+    tqa_dir=None,
+    on_row: Callable[[dict], None] | None = None,
+) -> list:
+    """slim.evaluation.evaluate.evaluate_methods on runs that each carry their own run configuration:
+    (method, params, {fold: policy}, config). The judges and the embedder are loaded once for all; each run
+    writes its answers, policies, summary and config exactly as it would evaluated alone, its policies first,
+    each under its folder's lock (save_run_policies). -> [MethodResult], in order."""
+    from .evaluate import evaluate_methods
+
+    save_run_policies(runs, cfg, layout)
+    return evaluate_methods(lm, questions, folds, runs, cfg, layout, None, tqa_dir, on_row)
 
 
 def select_best(rows: list[dict], criterion: str = "true_info", max_degeneracy: float = 0.2) -> dict:
@@ -74,17 +133,16 @@ def main(argv=None):
         # the run tag (model and question subset) of the summaries; older summaries only name the model
         out = RunLayout(Path(args.out_dir), best.get("run", best["model"])).best(args.method)
         print(f"written to {out}")
-        write_json(
-            out,
-            {
-                "param": args.param,
-                "value": best[args.param],
-                "criterion": args.criterion,
-                "max_degeneracy": args.max_degeneracy,
-                "row": best,
-                "candidates": rows,
-            },
-        )
+        record = {
+            "param": args.param,
+            "value": best[args.param],
+            "criterion": args.criterion,
+            "max_degeneracy": args.max_degeneracy,
+            "row": best,
+            "candidates": rows,
+        }
+        with artefact_lock(out):  # two sweeps of one method on one folder: one writer at a time
+            write_json(out, record)
     return best
 
 

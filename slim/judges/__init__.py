@@ -7,9 +7,12 @@ A judge scores (question, answer) pairs with P(" yes") for the prompt
 summary row.
 
 Modules:
-    base     the Judge interface, judge_prompt, THRESHOLD, JudgeUnavailableError, make_judge
+    base     the Judge interface, judge_prompt, THRESHOLD, JudgeUnavailableError, VerdictCache (every
+             verdict of an API or local judge kept on disk by judge identity, question and answer)
+    factory  make_judge: a judge from its name
     openai   OpenAIJudge: a completions-API model ("openai:<model>" or a bare fine-tuned name)
-    local    LocalLMJudge: a transformers causal LM judge ("local:<hub id or folder>")
+    local    LocalLMJudge: a transformers causal LM judge ("local:<hub id or folder>"; "allenai": the public
+             Llama-2-7B truth / info judges), on the run's GPU in half precision, last position only
     card     the judge card's metrics: agreement, calibration_error, card_row, paired_shifts
     offline  OfflineJudge ("offline", "offline-human"): reference-answer features and small MLPs
              trained here, cross-fitted by question; the labelled data (load_judge_data,
@@ -18,7 +21,16 @@ Modules:
 Public API: `make_judge(name, kind)` and `.score(questions, answers)`.
 """
 
-from .base import KIND_SUFFIX, THRESHOLD, Judge, JudgeUnavailableError, default_cache_dir, judge_identity, judge_prompt
+from .base import (
+    KIND_SUFFIX,
+    THRESHOLD,
+    Judge,
+    JudgeUnavailableError,
+    VerdictCache,
+    default_cache_dir,
+    judge_identity,
+    judge_prompt,
+)
 from .card import agreement, calibration_error, card_row, mean_interval, paired_shifts
 from .factory import make_judge
 from .features import FEATURE_NAMES, FEATURE_VERSION, REFUSAL_RE, EmbeddingStore, JudgeFeatures
@@ -33,6 +45,7 @@ __all__ = [
     "THRESHOLD",
     "Judge",
     "JudgeUnavailableError",
+    "VerdictCache",
     "default_cache_dir",
     "judge_identity",
     "judge_prompt",

@@ -15,9 +15,11 @@ answer. The person answers `truthful? [y/n/s]` and `informative? [y/n/s]`
 what is not labelled yet (the same seed draws the same sample, and a larger
 --n the same answers and more). At the end, or on EOF / Ctrl-C, the judges
 (`--judge_name`, `--info_name`: offline, local:<hub id or folder>,
-openai:<model>) are measured against every label in the file: n, accuracy,
-balanced accuracy, confusion counts, the judge's and the labels' share of
-yes, per kind. `--labels FILE` skips the labelling and measures the judges
+allenai: the public Llama-2-7B pair, which --judge_name allenai implies
+for --info_name too, openai:<model>; a local judge runs on `--device`)
+are measured against every label in the file: n, accuracy, balanced
+accuracy, confusion counts, the judge's and the labels' share of yes, per
+kind. `--labels FILE` skips the labelling and measures the judges
 against that file (columns question, answer, truthful, informative; the
 project ships data/judge-labels/), so any judge can be measured against any
 labelled set. The labels file written here is such a file.
@@ -249,7 +251,7 @@ def run(
     judge_name: str = "offline",
     info_name: str = "offline",
     tqa_dir=None,
-    device: str = "cpu",
+    device: str = "auto",
     input_fn: Callable[[str], str] = input,
     write: Callable[[str], None] = print,
 ) -> dict:
@@ -304,10 +306,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
     parser.add_argument("--out", default=None, help="labels file (default: <first CSV stem>_audit.csv beside it)")
     parser.add_argument("--labels", default=None, help="measure against this labelled CSV instead of asking")
-    parser.add_argument("--judge_name", default="offline", help="truth judge: offline, local:<id>, openai:<name>")
-    parser.add_argument("--info_name", default="offline", help="informativeness judge, same forms")
+    parser.add_argument(
+        "--judge_name", default="offline", help="truth judge: offline, local:<id>, allenai, openai:<name>"
+    )
+    parser.add_argument(
+        "--info_name",
+        default=None,
+        help="informativeness judge, same forms (default: allenai with --judge_name allenai, else offline)",
+    )
     parser.add_argument("--tqa_dir", default=None, help="folder of TruthfulQA.csv (else SLIM_TQA_DIR, cache, download)")
-    parser.add_argument("--device", default="cpu", help="device of a local: judge")
+    parser.add_argument("--device", default="auto", help="device of a local judge: cpu, cuda:N, auto (a GPU if any)")
     args = parser.parse_args(argv)
     return run(
         args.answers,
@@ -316,7 +324,7 @@ def main(argv=None) -> dict:
         out=args.out,
         labels=args.labels,
         judge_name=args.judge_name,
-        info_name=args.info_name,
+        info_name=args.info_name or ("allenai" if args.judge_name == "allenai" else "offline"),
         tqa_dir=args.tqa_dir,
         device=args.device,
     )

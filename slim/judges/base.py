@@ -11,13 +11,18 @@ or its endpoint model); every summary row records it (`judge_id`,
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..io import artefact_lock, write_text
 from ..models.loading import cache_root
+
+log = logging.getLogger(__package__)  # "slim.judges"
 
 KIND_SUFFIX = {"truth": "True:", "info": "Helpful:"}
 THRESHOLD = 0.5
@@ -67,6 +72,57 @@ def files_sha256(paths: Sequence[Path]) -> str:
                 digest.update(block)
         digest.update(b"\0")
     return f"sha256:{digest.hexdigest()[:HASH_CHARS]}"
+
+
+class VerdictCache:
+    """A judge's verdicts (P(" yes")) kept in a JSON file, `{"format": <fmt>, "verdicts": {key: p}}`.
+
+    `key(source, prompt)` is a sha256 of what decides the verdict (an API model
+    name, a judge's identity) and the prompt. A damaged file is moved aside
+    (`.damaged`) with a warning and its verdicts made again; `save` merges with
+    what is on disk (another judge or run may share the file) under the file's
+    lock and writes atomically, so a reader never sees half a file.
+    """
+
+    def __init__(self, path: str | os.PathLike, fmt: str):
+        self.path = Path(path)
+        self.format = fmt
+        self.verdicts: dict[str, float] = self.read()
+
+    @staticmethod
+    def key(source: str, prompt: str) -> str:
+        return hashlib.sha256(json.dumps([source, prompt]).encode("utf-8")).hexdigest()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.verdicts
+
+    def __len__(self) -> int:
+        return len(self.verdicts)
+
+    def read(self) -> dict[str, float]:
+        """The verdicts on disk; a damaged file is moved aside (`.damaged`) with a warning: {} then."""
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return {k: float(v) for k, v in data["verdicts"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            aside = self.path.with_name(self.path.name + ".damaged")
+            os.replace(self.path, aside)  # kept for a look, never read again
+            log.warning(
+                "judge cache %s is damaged (%s): moved to %s; its verdicts will be asked again.",
+                self.path,
+                _one_line(f"{type(err).__name__}: {str(err)[:120]}"),
+                aside,
+            )
+            return {}
+
+    def save(self) -> None:
+        """Write the verdicts, merged with those another judge or run saved meanwhile."""
+        with artefact_lock(self.path, wait=True):  # held for one read and one write: milliseconds
+            merged = {**self.read(), **self.verdicts}
+            write_text(self.path, json.dumps({"format": self.format, "verdicts": merged}, sort_keys=True))
+        self.verdicts = merged
 
 
 class Judge:

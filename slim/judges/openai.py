@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,8 +14,16 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..io import kill_point, write_text
-from .base import Judge, JudgeUnavailableError, _check_kind, _one_line, default_cache_dir, judge_prompt
+from ..io import kill_point
+from .base import (
+    Judge,
+    JudgeUnavailableError,
+    VerdictCache,
+    _check_kind,
+    _one_line,
+    default_cache_dir,
+    judge_prompt,
+)
 
 log = logging.getLogger(__package__)  # "slim.judges", as before the package split
 
@@ -76,7 +83,7 @@ class OpenAIJudge(Judge):
         self.batch_size = batch_size
         self.n_requests = 0  # API calls made by this judge (cached verdicts cost none)
         self._client = None
-        self._verdicts = self._read_cache()
+        self._cache = VerdictCache(self.cache_path, "slim-openai-judge-cache/1")
 
     @property
     def identity(self) -> str:
@@ -88,34 +95,16 @@ class OpenAIJudge(Judge):
         host = (parts.hostname or base.rsplit("@", 1)[-1]) + (f":{parts.port}" if parts.port else "")
         return f"openai:{self.model_name}@{host}"
 
-    # cache --------------------------------------------------------------------------------
-    def cache_key(self, prompt: str) -> str:
-        return hashlib.sha256(json.dumps([self.model_name, prompt]).encode("utf-8")).hexdigest()
+    # cache (slim.judges.base.VerdictCache) -------------------------------------------------
+    @property
+    def _verdicts(self) -> dict[str, float]:
+        return self._cache.verdicts
 
-    def _read_cache(self) -> dict[str, float]:
-        """The cached verdicts; a damaged cache file is moved aside (`.damaged`) with a warning and asked again."""
-        if not self.cache_path.exists():
-            return {}
-        try:
-            data = json.loads(self.cache_path.read_text(encoding="utf-8"))
-            return {k: float(v) for k, v in data["verdicts"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            aside = self.cache_path.with_name(self.cache_path.name + ".damaged")
-            os.replace(self.cache_path, aside)  # kept for a look, never read again
-            log.warning(
-                "judge cache %s is damaged (%s): moved to %s; its verdicts will be asked again.",
-                self.cache_path,
-                _one_line(f"{type(err).__name__}: {str(err)[:120]}"),
-                aside,
-            )
-            return {}
+    def cache_key(self, prompt: str) -> str:
+        return VerdictCache.key(self.model_name, prompt)
 
     def _save_cache(self) -> None:
-        # Merge with what is on disk: another judge of this run may share the file.
-        merged = {**self._read_cache(), **self._verdicts}
-        body = json.dumps({"format": "slim-openai-judge-cache/1", "verdicts": merged}, sort_keys=True)
-        write_text(self.cache_path, body)
-        self._verdicts = merged
+        self._cache.save()
 
     # API ----------------------------------------------------------------------------------
     def _unavailable(self, what: str, todo: str) -> JudgeUnavailableError:

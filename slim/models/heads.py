@@ -257,10 +257,19 @@ class HeadTrace:
         if record not in (None, "all", "last"):
             raise ValueError(f"record must be None, 'all' or 'last', got {record!r}.")
         self.edit, self.record, self.stop_after_last = edit, record, stop_after_last
-        self.positions: torch.Tensor | None = None  # (batch, seq) bool, or None: the edit's default positions
+        self.positions = None  # (batch, seq) bool, or None: the edit's default positions
         self.activations: dict[int, torch.Tensor] = {}
         self._handles: list = []
         self._overflow: dict[int, torch.Tensor] = {}  # layer -> a 0-d bool on the device: the edit overflowed
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return self._positions
+
+    @positions.setter
+    def positions(self, mask: torch.Tensor | None) -> None:
+        # Set anew for each forward call (never changed in place): its copy on each layer's device is made once.
+        self._positions, self._masks = mask, {}
 
     def _hook(self, layer: int):
         def pre_hook(module, args):
@@ -289,14 +298,17 @@ class HeadTrace:
         return pre_hook
 
     def _mask_for(self, acts: torch.Tensor) -> torch.Tensor:
-        """`positions` on the activations' device, checked against their (batch, seq)."""
-        mask = self.positions
+        """`positions` on the activations' device (copied once per device, not once per layer), checked against
+        their (batch, seq)."""
+        mask = self._positions
         if mask.dtype != torch.bool or tuple(mask.shape) != tuple(acts.shape[:2]):
             raise ValueError(
                 f"edit positions must be a bool mask of the forward call's (batch, seq) = {tuple(acts.shape[:2])}, "
                 f"got {mask.dtype} {tuple(mask.shape)}."
             )
-        return mask.to(acts.device)
+        if acts.device not in self._masks:
+            self._masks[acts.device] = mask.to(acts.device)
+        return self._masks[acts.device]
 
     def _watch(self, layer: int, before: torch.Tensor, after: torch.Tensor) -> None:
         """Note, on the device, whether the edit made finite activations non-finite."""

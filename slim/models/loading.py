@@ -74,7 +74,11 @@ def resolve_device(device: str | int | None) -> str:
             log.warning("device %s: CUDA is not available here, running on the CPU instead.", device)
             return "cpu"
         if index >= torch.cuda.device_count():
-            raise ParameterError("device", f"{device}: only {torch.cuda.device_count()} CUDA device(s) visible.")
+            raise ParameterError(
+                "device",
+                f"{device}: only {torch.cuda.device_count()} CUDA device(s) visible here: pass an index from 0 to "
+                f"{torch.cuda.device_count() - 1}, or auto (check CUDA_VISIBLE_DEVICES).",
+            )
         return f"cuda:{index}"
     raise ParameterError("device", f"must be cpu, auto, cuda, cuda:N or a GPU index, got {device!r}.")
 

@@ -21,6 +21,7 @@ from .base import Policy
 from .gaussian_ot import ot_map, regularize_covariance, sqrtm_psd
 from .head_maps import fit_layer_maps, load_layer_maps, save_layer_maps
 from .iti import ITIPolicy
+from .logistic import block_heads, fit_logistic, torch_device
 from .mimic import MimicPolicy
 from .slim import SlimPolicy
 
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+ITI_SOLVERS = ("sklearn", "torch")  # fit_iti: the published per-head scikit-learn fits, or one batched torch fit
 
 
 def fit_slim(
@@ -138,6 +141,8 @@ def fit_iti(
     tuning_acts: np.ndarray | None = None,
     seed: int = 0,
     fingerprint=None,
+    device=None,
+    solver: str | None = None,
 ) -> ITIPolicy:
     """ITI (Li et al., 2023) from activations (N, L, H, d) of the probe texts.
 
@@ -147,9 +152,15 @@ def fit_iti(
     one (`random`); sigma is the std of the projections on it of
     `tuning_acts` (M, L, H, d), all of its rows, or of the train+val rows when
     no tuning set is given.
+    The probes are scikit-learn's LogisticRegression one head at a time
+    (`solver="sklearn"`), or every head at once on `device` by the batched
+    Newton solver of slim.policies.logistic (`"torch"`: the same objective,
+    solved past scikit-learn's tolerance, so a few heads' val accuracy, and
+    with it the ranking, can differ by a row or two). None: scikit-learn, as
+    published, on any machine, so a GPU run picks the same heads as a CPU run;
+    torch is the option for models with thousands of heads (--iti_solver
+    torch). The policy's meta records which ran.
     """
-    from sklearn.linear_model import LogisticRegression
-
     N, L, H, d = acts.shape
     check_int("num_heads", num_heads, 1, L * H)
     ITIConfig(num_heads=num_heads, alpha=alpha, direction=direction)  # checks alpha and direction
@@ -157,16 +168,13 @@ def fit_iti(
         raise ValueError(
             f"tuning_acts must have shape (M, {L}, {H}, {d}) like the activations, got {tuple(tuning_acts.shape)}"
         )
+    dev = torch_device(device)
+    solver = solver or "sklearn"
+    if solver not in ITI_SOLVERS:
+        raise ValueError(f"ITI's solver (--iti_solver) must be 'sklearn' or 'torch', got {solver!r}.")
     y = np.asarray(truthful).astype(int)
-    accuracy = np.zeros((L, H))
-    probe_w = np.zeros((L, H, d))
-    for layer in range(L):
-        block = np.asarray(acts[:, layer], dtype=np.float32)  # (N, H, d)
-        for head in range(H):
-            clf = LogisticRegression(max_iter=1000, random_state=seed)
-            clf.fit(block[train_rows, head], y[train_rows])
-            accuracy[layer, head] = clf.score(block[val_rows, head], y[val_rows])
-            probe_w[layer, head] = clf.coef_[0]
+    probe_heads = _iti_probes_torch if solver == "torch" else _iti_probes_sklearn
+    accuracy, probe_w = probe_heads(acts, y, train_rows, val_rows, seed, dev)
     order = np.argsort(-accuracy.ravel(), kind="stable")[:num_heads]
     chosen = np.stack(np.unravel_index(order, (L, H)), axis=1)  # (K, 2)
     fit_rows = np.concatenate([train_rows, val_rows])
@@ -190,8 +198,51 @@ def fit_iti(
         np.array(sigmas),
         alpha=alpha,
         fingerprint=fingerprint,
-        meta={"direction": direction, "val_accuracy": accuracy[chosen[:, 0], chosen[:, 1]].tolist()},
+        meta={
+            "direction": direction,
+            "val_accuracy": accuracy[chosen[:, 0], chosen[:, 1]].tolist(),
+            "solver": solver,
+        },
     )
+
+
+def _iti_probes_sklearn(acts, y, train_rows, val_rows, seed, dev):
+    """ITI's probes one head at a time: (val accuracy (L, H), coef (L, H, d)). `dev` is unused."""
+    from sklearn.linear_model import LogisticRegression
+
+    N, L, H, d = acts.shape
+    accuracy = np.zeros((L, H))
+    probe_w = np.zeros((L, H, d))
+    for layer in range(L):
+        block = np.asarray(acts[:, layer], dtype=np.float32)  # (N, H, d)
+        for head in range(H):
+            clf = LogisticRegression(max_iter=1000, random_state=seed)
+            clf.fit(block[train_rows, head], y[train_rows])
+            accuracy[layer, head] = clf.score(block[val_rows, head], y[val_rows])
+            probe_w[layer, head] = clf.coef_[0]
+    return accuracy, probe_w
+
+
+def _iti_probes_torch(acts, y, train_rows, val_rows, seed, dev):
+    """ITI's probes of all heads at once on `dev`: (val accuracy (L, H), coef (L, H, d)); `seed` is unused
+    (the optimum is unique, as lbfgs's). Layers are read in groups as large as the device takes at once."""
+    N, L, H, d = acts.shape
+    accuracy = np.zeros((L, H))
+    probe_w = np.zeros((L, H, d))
+    group = max(1, block_heads(L * H, len(train_rows), d, dev) // H)  # layers per group
+    for l0 in range(0, L, group):
+        layers = slice(l0, min(L, l0 + group))
+        # the stored dtype (float16 on disk) crosses to the device; float64 there, as lbfgs fits
+        X = np.asarray(acts[train_rows, layers])  # (N_train, g, H, d)
+        coef, intercept, _ = fit_logistic(X.reshape(len(train_rows), -1, d), y[train_rows], device=dev)
+        probe_w[layers] = coef.numpy().reshape(-1, H, d)
+        intercept = intercept.numpy().reshape(-1, H)
+        for layer in range(layers.start, layers.stop):  # one layer's val rows in float64 at a time
+            X_val = np.asarray(acts[val_rows, layer], dtype=np.float64)  # (N_val, H, d)
+            # scikit-learn's score: predict truthful where the logit is > 0, mean of the hits
+            z = np.einsum("nhd,hd->nh", X_val, probe_w[layer]) + intercept[layer - l0]
+            accuracy[layer] = ((z > 0) == (y[val_rows, None] == 1)).mean(0)
+    return accuracy, probe_w
 
 
 def iti_tuning_activations(split: dict, cfg: ITIConfig, tuning: ProbeData | None) -> np.ndarray | None:
@@ -220,9 +271,12 @@ def iti_for_fold(
     folder: Path,
     fingerprint: dict | None = None,
     tuning: ProbeData | None = None,
+    device=None,
+    solver: str | None = None,
 ) -> ITIPolicy:
     """A fold's ITI policy at strength cfg.alpha; `tuning`: the tqa_gen_end_q activations unless
-    cfg.tuning_dataset is "same" (see iti_tuning_activations).
+    cfg.tuning_dataset is "same" (see iti_tuning_activations). `device`, `solver`: where and how the
+    per-head probes are fitted (fit_iti).
 
     The heads, directions and sigmas do not depend on alpha: they are fitted
     once (at alpha 1), saved to `folder`, and rescaled for every alpha. The
@@ -239,6 +293,8 @@ def iti_for_fold(
             # written before the record: the folder's name (layout.iti_policy) says the same
             if fitted.meta.get("tuning_dataset", cfg.tuning_dataset) != cfg.tuning_dataset:
                 fitted = None
+            elif fitted.meta.get("solver", "sklearn") != (solver or "sklearn"):  # heads fitted by the other solver
+                fitted = None
     if fitted is None:
         tuning_acts = iti_tuning_activations(split, cfg, tuning)
         train_rows, val_rows = data.rows_of(split["train"]), data.rows_of(split["val"])
@@ -252,6 +308,8 @@ def iti_for_fold(
             direction=cfg.direction,
             tuning_acts=tuning_acts,
             fingerprint=fingerprint,
+            device=device,
+            solver=solver,
         )
         n_tuning = len(tuning_acts) if tuning_acts is not None else len(train_rows) + len(val_rows)
         fitted.meta.update(tuning_dataset=cfg.tuning_dataset, tuning_rows=int(n_tuning))

@@ -32,6 +32,7 @@ class ITIPolicy(Policy):
             rows = (self.heads[:, 0] == layer).nonzero().flatten()
             shift = self.alpha * self.sigmas[rows, None] * self.directions[rows]
             self._by_layer[layer] = (self.heads[rows, 1], shift)
+        self._cache: dict = {}  # (layer, device, dtype) -> (head indices, shifts) there
 
     @property
     def layers(self) -> list[int]:
@@ -44,8 +45,17 @@ class ITIPolicy(Policy):
     def moves_nothing(self) -> bool:
         return self.alpha == 0 or len(self.heads) == 0
 
+    def _on(self, layer: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's head indices (k,) and shifts (k, d) on `device` in `dtype`, copied from host memory once,
+        not at every generated token."""
+        key = (layer, device, dtype)
+        if key not in self._cache:
+            heads, shift = self._by_layer[layer]
+            self._cache[key] = (heads.to(device), shift.to(device=device, dtype=dtype))
+        return self._cache[key]
+
     def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:
-        heads, shift = self._by_layer[layer]  # (k,), (k, d)
+        heads, shift = self._on(layer, a.device, a.dtype)  # (k,), (k, d)
         new = a.clone()  # (n, H, d)
-        new[:, heads.to(a.device)] += shift.to(device=a.device, dtype=a.dtype)
+        new[:, heads] += shift
         return new

@@ -171,8 +171,10 @@ class LinearActPolicy(Policy):
         return self.strength == 0
 
     def _on(self, device) -> tuple[torch.Tensor, ...]:
+        """omega, beta, lo, hi on `device`, copied once per device: under device_map="auto" the edited layers
+        live on several GPUs, and a cache of one device would copy them again at every call."""
         if device not in self._cache:
-            self._cache = {device: tuple(t.to(device) for t in (self.omega, self.beta, self.lo, self.hi))}
+            self._cache[device] = tuple(t.to(device) for t in (self.omega, self.beta, self.lo, self.hi))
         return self._cache[device]
 
     def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ class MimicPolicy(Policy):
         self.b = torch.as_tensor(b, dtype=torch.float32)  # (H, d)
         check_nonneg("strength", strength)
         self.layer, self.strength = int(layer), float(strength)
+        self._cache: dict = {}  # device -> (A, b) there
 
     @property
     def layers(self) -> list[int]:
@@ -34,8 +35,15 @@ class MimicPolicy(Policy):
     def moves_nothing(self) -> bool:
         return self.strength == 0
 
+    def _on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (H, d, d) and b (H, d) on `device`, copied from host memory once, not at every generated token
+        (float32 whatever the model's dtype: the map is applied in float32)."""
+        if device not in self._cache:
+            self._cache[device] = (self.A.to(device), self.b.to(device))
+        return self._cache[device]
+
     def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:
         a32 = a.float()  # (n, H, d)
-        A, b = self.A.to(a.device), self.b.to(a.device)
+        A, b = self._on(a.device)
         mapped = torch.einsum("hij,bhj->bhi", A, a32) + b
         return (a32 + self.strength * (mapped - a32)).to(a.dtype)

@@ -62,8 +62,9 @@ class SlimPolicy(DetectorPolicy):
         return self.kappa == 0 and self.psi == "identity"
 
     def _on(self, device) -> tuple[torch.Tensor, ...]:
+        """weight, bias, A, b on `device` (float32: the step computes in it), copied once per device."""
         if device not in self._cache:
-            self._cache = {device: tuple(t.to(device) for t in (self.weight, self.bias, self.A, self.b))}
+            self._cache[device] = tuple(t.to(device) for t in (self.weight, self.bias, self.A, self.b))
         return self._cache[device]
 
     def step(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

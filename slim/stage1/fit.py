@@ -1,7 +1,9 @@
 """Stage 1: risk-aware probes for every head of every layer, per fold, and the edited layer.
 
 The probes of a fold are trained once and saved (safetensors); a later run with
-the same settings, activations and split reads them back instead.
+the same settings, activations and split reads them back instead. Each fold's
+file is trained under its own lock (slim.io.artefact_lock): a run wanting the
+probes another run is training waits, then reads them back.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pandas as pd
 
 from ..config import ProbeConfig
 from ..data.activations import ProbeData, texts_digest
-from ..io import DamagedArtefact, kill_point, warn_rebuild
+from ..io import DamagedArtefact, artefact_lock, kill_point, warn_rebuild
 from ..layout import RunLayout
 from .detector import choose_layer, evaluate_layers
 from .probes import RiskAwareProbes, load_probes, save_probes
@@ -41,7 +43,15 @@ def train_fold_probes(
     features_id: str,
     device: str = "cpu",
 ) -> FoldProbes:
-    """Probes of every head of every layer for one fold, reused from `path` when it matches."""
+    """Probes of every head of every layer for one fold, reused from `path` when it matches.
+
+    Trained under `path`'s lock: a second run (or process) wanting the same file waits for the first and reads
+    its probes back (with SLIM_NO_WAIT=1 it stops in one line naming the file)."""
+    with artefact_lock(path):  # looked for again once held: the run that held it may have written it
+        return _fold_probes(acts, labels, train_rows, val_rows, cfg, Path(path), features_id, device)
+
+
+def _fold_probes(acts, labels, train_rows, val_rows, cfg: ProbeConfig, path: Path, features_id: str, device: str):
     meta_expected = {
         "config": asdict(cfg),
         "features": features_id,

@@ -4,7 +4,11 @@ p (N, P) are the probes' probabilities of "undesirable", y (N,) the labels
 (1 = undesirable), results (P,): one loss per probe. The smooth risk is
 E[p | y=0] + bl * E[1 - p | y=1] (a differentiable FPR + bl * FNR); the hard
 risk, FPR + bl * FNR of the thresholded p, picks checkpoints and tau.
+`fit_one_probe` trains one probe on them with nn.Linear + torch.optim.Adam + autograd: the reference
+the batched trainer (slim.stage1.probes) is checked against.
 """
+
+import math
 
 import torch
 import torch.nn as nn
@@ -129,3 +133,52 @@ def theta_grad(loss_type, XT, theta, n_train, y, coef, beta):
     grad = torch.bmm(g.unsqueeze(1), XT[:, :, :n_train].transpose(1, 2)).squeeze(1)
     grad[:, :-1] += 2 * beta * theta[:, :-1]
     return grad
+
+
+# -----------------------------------------------------------------------------
+# the one-probe reference trainer
+
+
+def fit_one_probe(
+    x,
+    y,
+    x_val,
+    y_val,
+    w0,
+    b0=0.0,
+    loss_type="risk",
+    bl=1.0,
+    beta=0.0,
+    epochs=1000,
+    lr=2e-3,
+    dtype=torch.float32,
+    checkpoint="last",
+):
+    """Reference trainer: one probe, nn.Linear + torch.optim.Adam + autograd.
+
+    x (N, d), x_val (N_val, d), w0 (d,). Full-batch epochs; after each epoch the
+    hard val loss is computed. Keeps the last epoch's parameters
+    (checkpoint "last") or the earliest best ones ("best").
+    Returns (weight (d,), bias float, kept epoch in 1..epochs, its hard val loss).
+    """
+    x = torch.as_tensor(x).to(dtype)
+    x_val = torch.as_tensor(x_val).to(dtype)
+    y = torch.as_tensor(y).to(dtype)
+    y_val = torch.as_tensor(y_val).to(dtype)
+    lin = nn.Linear(x.shape[1], 1).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.as_tensor(w0).reshape(1, -1))
+        lin.bias.fill_(float(b0))
+    opt = torch.optim.Adam(lin.parameters(), lr=lr)
+    best = (math.inf, 0, None, None)
+    for epoch in range(1, epochs + 1):
+        p = torch.sigmoid(lin(x))  # (N, 1)
+        loss = probe_loss(loss_type, p, y, bl, beta, lin.weight).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            val = float(hard_risk_loss(torch.sigmoid(lin(x_val)), y_val, bl)[0])
+        if checkpoint == "last" or val < best[0]:  # "best": strict <, so the earliest best epoch wins ties
+            best = (val, epoch, lin.weight.detach()[0].clone(), float(lin.bias.detach()[0]))
+    return best[2], best[3], best[1], best[0]

@@ -17,30 +17,32 @@ the last epoch's (`checkpoint="last"`, what the published code ends up
 using: it saves `clf.state_dict()` without a copy, and Adam keeps updating
 those live tensors) or the best-validation epoch's (`"best"`, the paper's
 description).
-`fit_one_probe` is the plain nn.Linear + Adam + autograd reference that the
-tests and the benchmark compare against.
+`fit_one_probe` (in slim.stage1.losses, imported here) is the plain nn.Linear +
+Adam + autograd reference that the tests and the benchmark compare against.
 
 The losses and their gradient are in `slim.stage1.losses`, the layer detector built
 from the trained probes in `slim.stage1.detector`.
 """
 
+import contextlib
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from ..config import ProbeConfig
 from ..io import reading, write_checked
-from .losses import hard_risk_loss, logit_grad, probe_loss, risk_from_counts, row_coef
+from .losses import fit_one_probe, logit_grad, risk_from_counts, row_coef
+
+__all__ = ["RiskAwareProbes", "fit_one_probe", "init_weights", "load_probes", "save_probes", "as_tensor"]
 
 # torch.optim.Adam defaults, repeated by the in-place batched Adam below
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 
 # -----------------------------------------------------------------------------
-# initialisation and the one-probe reference trainer
+# initialisation (the one-probe reference trainer, fit_one_probe, is in slim.stage1.losses)
 
 
 def init_weights(P, d, seed=0):
@@ -54,51 +56,6 @@ def init_weights(P, d, seed=0):
     bound = math.sqrt(6.0 / (d + 1))
     weight = torch.empty(P, d).uniform_(-bound, bound, generator=gen)
     return weight, torch.zeros(P)
-
-
-def fit_one_probe(
-    x,
-    y,
-    x_val,
-    y_val,
-    w0,
-    b0=0.0,
-    loss_type="risk",
-    bl=1.0,
-    beta=0.0,
-    epochs=1000,
-    lr=2e-3,
-    dtype=torch.float32,
-    checkpoint="last",
-):
-    """Reference trainer: one probe, nn.Linear + torch.optim.Adam + autograd.
-
-    x (N, d), x_val (N_val, d), w0 (d,). Full-batch epochs; after each epoch the
-    hard val loss is computed. Keeps the last epoch's parameters
-    (checkpoint "last") or the earliest best ones ("best").
-    Returns (weight (d,), bias float, kept epoch in 1..epochs, its hard val loss).
-    """
-    x = torch.as_tensor(x).to(dtype)
-    x_val = torch.as_tensor(x_val).to(dtype)
-    y = torch.as_tensor(y).to(dtype)
-    y_val = torch.as_tensor(y_val).to(dtype)
-    lin = nn.Linear(x.shape[1], 1).to(dtype)
-    with torch.no_grad():
-        lin.weight.copy_(torch.as_tensor(w0).reshape(1, -1))
-        lin.bias.fill_(float(b0))
-    opt = torch.optim.Adam(lin.parameters(), lr=lr)
-    best = (math.inf, 0, None, None)
-    for epoch in range(1, epochs + 1):
-        p = torch.sigmoid(lin(x))  # (N, 1)
-        loss = probe_loss(loss_type, p, y, bl, beta, lin.weight).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            val = float(hard_risk_loss(torch.sigmoid(lin(x_val)), y_val, bl)[0])
-        if checkpoint == "last" or val < best[0]:  # "best": strict <, so the earliest best epoch wins ties
-            best = (val, epoch, lin.weight.detach()[0].clone(), float(lin.bias.detach()[0]))
-    return best[2], best[3], best[1], best[0]
 
 
 # -----------------------------------------------------------------------------
@@ -150,6 +107,21 @@ def _check_activations(X, name, n_probes=None, d=None):
 
 # -----------------------------------------------------------------------------
 # the batched trainer
+
+
+@contextlib.contextmanager
+def _exact_float32_matmul(dev):
+    """On CUDA, float32 matmuls without TF32 while the probes train (TF32 keeps 10 mantissa bits: the
+    probes would drift from the CPU's by ~1e-3 if another part of the process switched it on)."""
+    if dev.type != "cuda":
+        yield
+        return
+    flag = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
 
 
 class RiskAwareProbes:
@@ -221,11 +193,30 @@ class RiskAwareProbes:
             raise ValueError(f"block_size must be None or an integer >= 1, got {self.block_size}")
         if self.n_jobs is not None and (int(self.n_jobs) != self.n_jobs or self.n_jobs < 1):
             raise ValueError(f"n_jobs must be None or an integer >= 1, got {self.n_jobs}")
+        dev = self._device()
+        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+            raise ValueError(f"device {self.device}: no such CUDA device here; train the probes with --device cpu")
 
-    def _block_size(self, P, d, n_total):
+    def _device(self):
+        # "N" (--device N, as the published scripts pass it) is GPU N
+        try:
+            return torch.device(f"cuda:{self.device}" if str(self.device).isdigit() else self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'cpu', 'cuda:N' or a GPU index N, got {self.device!r}") from None
+
+    def _block_size(self, P, d, n_total, src_bytes=4):
         if self.block_size is not None:
             return int(self.block_size)
-        if torch.device(self.device).type != "cpu":
+        dev = self._device()
+        if dev.type == "cuda":
+            # every probe at once unless their buffers would pass 60 % of the GPU's free memory: per probe
+            # XT and 4 rows of logits-sized buffers in dt, the history, and the rows as they arrive (src_bytes)
+            size = 8 if self.dtype == "float64" else 4
+            hist = (self.epochs + 1) * ((d + 1 if self.checkpoint == "best" else 0) + 2)
+            per_probe = size * ((d + 1) * n_total + 4 * n_total + hist + 4 * (d + 1)) + src_bytes * d * n_total
+            free, _ = torch.cuda.mem_get_info(dev)
+            return max(1, min(P, int(0.6 * free) // per_probe))
+        if dev.type != "cpu":
             return P
         # about 6 MiB of activations per block stays in the last-level cache
         # (measured on a 2-core EPYC VM: 4 SmolLM2 probes per block was fastest)
@@ -240,7 +231,7 @@ class RiskAwareProbes:
         y = _check_labels(y, X.shape[0], "y")
         y_val = _check_labels(y_val, X_val.shape[0], "y_val")
         dt = getattr(torch, self.dtype)
-        dev = torch.device(self.device)
+        dev = self._device()
         N, P, d = X.shape
         n_total = N + X_val.shape[0]
         y = y.to(dev, dt)
@@ -248,16 +239,22 @@ class RiskAwareProbes:
         weight, bias = init_weights(P, d, self.seed)
         theta0 = torch.cat([weight, bias.unsqueeze(1)], 1).to(dev, dt)  # (P, d+1)
 
-        B = self._block_size(P, d, n_total)
+        B = self._block_size(P, d, n_total, X.element_size())
 
         def train(s):  # one block of probes s..e-1: one batched program
             e = min(P, s + B)
+            x, x_val = X[:, s:e], X_val[:, s:e]
+            if dev.type != "cpu":
+                # the rows cross to the device once, in their stored dtype (float16: half the bytes of
+                # float32); the transpose and the cast below then run there
+                x, x_val = x.to(dev), x_val.to(dev)
             # (B, d+1, N + N_val): train columns, then val columns, then a row
             # of ones so the bias is one more weight; cast from float16 here
             XT = torch.empty(e - s, d + 1, n_total, dtype=dt, device=dev)
-            XT[:, :d, :N] = X[:, s:e].permute(1, 2, 0)
-            XT[:, :d, N:] = X_val[:, s:e].permute(1, 2, 0)
+            XT[:, :d, :N] = x.permute(1, 2, 0)
+            XT[:, :d, N:] = x_val.permute(1, 2, 0)
             XT[:, d, :] = 1
+            del x, x_val
             # a NaN or inf anywhere makes the sum non-finite; far cheaper than isfinite().all()
             if not torch.isfinite(XT.sum()):
                 raise ValueError(
@@ -276,7 +273,8 @@ class RiskAwareProbes:
             finally:
                 torch.set_num_threads(threads)
         else:
-            results = [train(s) for s in starts]
+            with _exact_float32_matmul(dev):
+                results = [train(s) for s in starts]
         theta, epoch, loss, best_epoch, best_loss = (torch.cat(r) for r in zip(*results))
 
         self.coef_ = theta[:, :d]
@@ -310,8 +308,10 @@ class RiskAwareProbes:
         g, tmp = torch.empty_like(z[:, :N]), torch.empty_like(z[:, :N])
         pred = torch.empty_like(z[:, N:])
         # per-epoch record of parameters and val counts: picking the checkpoint
-        # afterwards costs two ops per epoch instead of a dozen
-        theta_hist = torch.empty(E + 1, B, d1, dtype=XT.dtype, device=XT.device)
+        # afterwards costs two ops per epoch instead of a dozen; "last" keeps
+        # the final parameters, so it needs no parameter history
+        keep_hist = self.checkpoint == "best"
+        theta_hist = torch.empty(E + 1 if keep_hist else 0, B, d1, dtype=XT.dtype, device=XT.device)
         counts_hist = torch.zeros(E + 1, B, 2, dtype=XT.dtype, device=XT.device)
         theta3, z3, g3, grad3 = theta.unsqueeze(1), z.unsqueeze(1), g.unsqueeze(1), grad.unsqueeze(1)
         p_train, p_val = z[:, :N], z[:, N:]  # sigmoid is applied to z in place
@@ -324,7 +324,8 @@ class RiskAwareProbes:
             if t > 0:
                 torch.gt(p_val, 0.5, out=pred)
                 torch.mm(pred, val_ind, out=counts_hist[t])
-                theta_hist[t].copy_(theta)
+                if keep_hist:
+                    theta_hist[t].copy_(theta)
             if t == E:
                 break
             # hand-written gradient: dL/dz per row, then one bmm for all probes
@@ -341,16 +342,17 @@ class RiskAwareProbes:
             theta.addcdiv_(m, denom, value=-lr / (1 - ADAM_BETA1**step))
 
         # hard val loss of every epoch 1..E from exact integer counts; the
-        # earliest epoch with the lowest loss wins (np.argmin returns the first)
+        # earliest epoch with the lowest loss wins (np.argmin returns the first).
+        # The loop above never reads a value back: on a GPU it is all queued, and syncs once here
         counts = counts_hist[1:].double().cpu()  # (E, B, 2)
         n1v = int(pos_val.sum())
         n0v = pos_val.numel() - n1v
         losses = risk_from_counts(counts[..., 0], n1v - counts[..., 1], n0v, n1v, bl).numpy()
         best = torch.from_numpy(np.argmin(losses, axis=0))  # (B,) index into epochs 1..E
-        kept = best if self.checkpoint == "best" else torch.full_like(best, E - 1)
+        kept = best if keep_hist else torch.full_like(best, E - 1)
         rows = torch.arange(B)
         return (
-            theta_hist[1:][kept.to(XT.device), rows.to(XT.device)].cpu(),
+            theta_hist[1:][kept.to(XT.device), rows.to(XT.device)].cpu() if keep_hist else theta.cpu(),
             kept + 1,
             torch.from_numpy(losses[kept.numpy(), rows.numpy()]),
             best + 1,

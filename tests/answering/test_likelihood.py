@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 
@@ -334,3 +335,82 @@ def test_a_padded_prefix_cached_batch_edits_each_row_from_its_own_answer(kind, l
     assert (
         together.kl == pytest.approx(np.average([p.kl for p in parts], weights=weights), rel=1e-4) and together.kl > 0
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: float32 log-probs of a few positions at a time, the same numbers as from the full logits
+
+
+def full_logit_answer_logprobs(model, tokenizer, prompt, answers, batch_size, edit=None):
+    """answer_logprobs the straightforward way: float32 logits of every position, log_softmax over all of them."""
+    from slim.answering.likelihood import _answer_tokens
+
+    out = []
+    encoded = [_answer_tokens(tokenizer, prompt, a) for a in answers]
+    for lo in range(0, len(encoded), batch_size):
+        chunk = encoded[lo : lo + batch_size]
+        seqs = [ids for ids, _ in chunk]
+        logits, _ = forward_logits(model, seqs, tokenizer_pad_id(tokenizer), edit, edit_from=[s for _, s in chunk])
+        logp = torch.log_softmax(logits, dim=-1)  # (batch, seq, vocab)
+        width = logp.shape[1]
+        for row, (ids, start) in enumerate(chunk):
+            where = torch.arange(width - len(ids) + start - 1, width - 1)
+            out.append(float(logp[row, where, torch.tensor(ids[start:])].sum()))
+    return np.array(out)
+
+
+def full_logit_ce_and_kl(model, tokenizer, texts, edit):
+    """ce_and_kl the straightforward way, one batch: float32 logits (batch, seq, vocab) of both models at once."""
+    seqs = [tokenizer(t).input_ids for t in texts]
+    pad = tokenizer_pad_id(tokenizer)
+    base, mask = forward_logits(model, seqs, pad)
+    edited = forward_logits(model, seqs, pad, edit, edit_from=[0] * len(seqs))[0]
+    ids = torch.stack([torch.tensor([pad] * (mask.shape[1] - len(s)) + s) for s in seqs])
+    scored = (mask[:, :-1] * mask[:, 1:]).bool()
+    logp_edit, logp_base = torch.log_softmax(edited[:, :-1][scored], -1), torch.log_softmax(base[:, :-1][scored], -1)
+    targets = ids[:, 1:][scored]
+    n = targets.numel()
+    ce = float(-logp_edit.gather(1, targets[:, None]).sum()) / n
+    return ce, float((logp_base.exp() * (logp_base - logp_edit)).sum()) / n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scores_from_a_few_positions_at_a_time_equal_the_full_logits(dtype, lm, monkeypatch):
+    import slim.answering.likelihood as likelihood
+
+    model, tokenizer = lm
+    model = copy.deepcopy(model).to(dtype)
+    policy = iti(model, alpha=3.0)
+    answers = ANSWERS + [" Paris is the capital of France, and London is the capital of England."]
+    texts = [CORPUS[0], "I have no comment.", CORPUS[1]]
+    expected_mc = {e: full_logit_answer_logprobs(model, tokenizer, PROMPT, answers, 3, e) for e in (None, policy)}
+    expected_ce = full_logit_ce_and_kl(model, tokenizer, texts, policy)
+    n_prompt = len(tokenizer(PROMPT).input_ids)  # these answers split cleanly from the prompt
+    answer_tokens = lambda part: max(len(tokenizer(PROMPT + a).input_ids) - n_prompt for a in part)  # noqa: E731
+    rows, kept, real_softmax, real_forward = [], [], torch.log_softmax, model.forward
+
+    def log_softmax(x, dim=-1, **kwargs):
+        rows.append(tuple(x.shape))
+        return real_softmax(x, dim=dim, **kwargs)
+
+    @functools.wraps(real_forward)
+    def forward(*args, **kwargs):
+        kept.append(kwargs.get("logits_to_keep"))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "log_softmax", log_softmax)
+    monkeypatch.setattr(model, "forward", forward)
+    for chunk in (likelihood.CHUNK_POSITIONS, 4):  # as used, and small enough that every text spans chunks
+        monkeypatch.setattr(likelihood, "CHUNK_POSITIONS", chunk)
+        for edit in (None, policy):
+            got = answer_logprobs(model, tokenizer, PROMPT, answers, edit=edit, batch_size=3)
+            np.testing.assert_array_equal(got, expected_mc[edit])  # bitwise
+        # Only the positions that predict an answer token (and the last) reached the vocabulary projection.
+        assert kept == [answer_tokens(answers[:3]) + 1, answer_tokens(answers[3:]) + 1] * 2
+        ce, kl = ce_and_kl(model, tokenizer, texts, edit=policy, batch_size=3)
+        assert ce == expected_ce[0]  # bitwise: each position's log-prob, summed once as before
+        # KL sums chunk by chunk when a batch has more than CHUNK_POSITIONS predictions: equal within 1e-6.
+        assert kl == expected_ce[1] if chunk > 100 else kl == pytest.approx(expected_ce[1], rel=1e-6, abs=0)
+        assert rows and all(len(r) == 2 and r[0] <= chunk for r in rows)  # never (batch, seq, vocab) in float32
+        rows.clear()
+        kept.clear()

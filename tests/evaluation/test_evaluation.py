@@ -113,3 +113,59 @@ def test_a_rerun_recomputes_no_likelihood_metric(tmp_path, monkeypatch):
         assert "recomputed" in str(err)
     else:
         raise AssertionError("metrics of another policy were reused")
+
+
+def test_short_memory_releases_the_subject_model_first_and_writes_the_same_files(tmp_path, monkeypatch):
+    import importlib
+
+    import slim.judges.local
+    from slim.evaluation.evaluate import evaluate_methods
+
+    ev = importlib.import_module("slim.evaluation.evaluate")  # the module: the package names its function evaluate
+
+    tokenizer = make_tokenizer()
+    questions = pd.DataFrame(
+        {
+            "Question": ["What is the capital of France ?", "who was it ?", "where is London ?", "It was yes ?"],
+            "Best Answer": ["Paris"] * 4,
+            "Correct Answers": ["Paris; It is Paris"] * 4,
+            "Incorrect Answers": ["London; It is London"] * 4,
+        }
+    )
+    folds = [{"test": np.array([0, 1]), "val": np.array([2, 3])}, {"test": np.array([2, 3]), "val": np.array([0, 1])}]
+    cfg = EvalConfig(max_new_tokens=4, batch_size=2, mc=True)
+    out = tmp_path / "out"
+
+    def run(release: bool):
+        model = tiny_model("llama", max_positions=512)
+        lm = LoadedModel(model=model, tokenizer=tokenizer, name="tiny", device=torch.device("cpu"))
+        judged_without_model = []
+
+        class Judge(LengthJudge):
+            def score(self, questions, answers):
+                judged_without_model.append(lm.model is None)
+                return super().score(questions, answers)
+
+        scorers = Scorers(Judge(), Judge(), HashEmbedder(), ("stub", "stub"), "hash")
+        monkeypatch.setattr(ev, "load_scorers", lambda *args, **kwargs: scorers)
+        monkeypatch.setattr(slim.judges.local, "release_subject_first", lambda judges: release)
+        policies = {fold: random_policy("slim", model, kappa=5.0) for fold in range(2)}
+        runs = [("baseline", {}, {}), ("slim", {"kappa": 5.0}, policies)]
+        rows = []
+        results = evaluate_methods(
+            lm, questions, folds, runs, cfg, RunLayout(out, "tiny"), {"run": 1}, None, rows.append
+        )
+        return lm, judged_without_model, rows, results
+
+    lm, judged_without_model, rows, results = run(release=False)
+    assert lm.model is not None and judged_without_model == [False] * 8  # 2 runs x 2 folds x 2 judges
+    kept = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    out.rename(tmp_path / "first")
+
+    lm, judged_without_model, rows_released, released = run(release=True)
+    assert lm.model is None and judged_without_model == [True] * 8  # every answer and MC score made before
+    again = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert {p.suffix for p in kept} >= {".csv", ".json", ".safetensors"}
+    assert again == kept  # the same files, byte for byte
+    assert rows_released == rows and [r.mean for r in released] == [r.mean for r in results]
+    assert {"mc1", "mc2", "firing_rate"} <= set(results[1].rows[0])

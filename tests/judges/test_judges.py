@@ -289,7 +289,7 @@ def test_local_lm_judge_matches_single_prompt_computation(tmp_path):
     model.save_pretrained(tmp_path / "judge")
     tokenizer.save_pretrained(tmp_path / "judge")
 
-    judge = make_judge(f"local:{tmp_path / 'judge'}", "truth", device="cpu")
+    judge = make_judge(f"local:{tmp_path / 'judge'}", "truth", device="cpu", cache_dir=tmp_path / "verdicts")
     assert isinstance(judge, LocalLMJudge)
     questions = ["What is the capital of France?", "Do you eat seeds?", "Why?"]
     answers = ["Paris is the capital of France, a city on the Seine.", "No.", ""]

@@ -17,6 +17,7 @@ from conftest import WORDS, tiny_model
 from slim.config import ITIConfig
 from slim.data.activations import load_probe_data
 from slim.layout import RunLayout
+from slim.policies.base import Policy
 from slim.policies.fit import iti_for_fold
 
 SPLIT = {"train": np.arange(6), "val": np.arange(6, 8), "test": np.arange(8, 10)}
@@ -110,6 +111,16 @@ def test_iti_sigma_source_is_checked(activations, tmp_path):
     assert published.meta["tuning_dataset"] == "tqa_gen_end_q_all"
     assert not torch.equal(published.sigmas, same.sigmas)
     assert torch.equal(iti_for_fold(data, SPLIT, cfg, folder, tuning=tuning).sigmas, published.sigmas)
+
+
+def test_iti_heads_fitted_by_the_other_solver_are_fitted_again(activations, tmp_path):
+    """A folder's heads are reused only under the solver that fitted them (the policy's meta names it)."""
+    data, tuning = activations.data, activations.tuning
+    cfg, folder = ITIConfig(num_heads=3, alpha=1.0, direction="com"), tmp_path / "iti"
+    assert iti_for_fold(data, SPLIT, cfg, folder, tuning=tuning).meta["solver"] == "sklearn"
+    assert iti_for_fold(data, SPLIT, cfg, folder, tuning=tuning, solver="torch").meta["solver"] == "torch"
+    assert Policy.load(folder).meta["solver"] == "torch"  # fitted again and saved, not read back
+    assert iti_for_fold(data, SPLIT, cfg, folder, tuning=tuning).meta["solver"] == "sklearn"
 
 
 def test_maps_are_refitted_when_their_data_changes(tmp_path, monkeypatch):

@@ -172,3 +172,29 @@ def test_the_script_runs_end_to_end(tmp_path):
     assert config["linear_act"]["layers"] == [1, 2]
     bad = run(["linear_act.py", "llama_7B", *flags, "--strength", "2"], tmp_path, check=False)
     assert bad.returncode == 2 and "--strength (strength) must lie in [0, 1]" in bad.stderr
+
+
+def test_layers_on_two_devices_are_each_copied_once(fitted, monkeypatch):
+    """A model spread over two devices (the CPU and meta here): each layer's tensors are copied to its device
+    once, not again whenever the previous call was on the other device; the CPU layers move as before."""
+    _, _, policy = fitted
+    copied, original = [], torch.Tensor.to
+
+    def to(self, *args, **kw):
+        out = original(self, *args, **kw)
+        if self.device != out.device:
+            copied.append(out.device.type)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    a = torch.randn(3, *policy.omega.shape[1:], generator=torch.Generator().manual_seed(2))  # (n, H, d)
+    far = torch.empty_like(a, device="meta")
+    first = [policy.move(0, a), policy.move(1, far), policy.move(2, a)]
+    assert copied.count("meta") == 4  # omega, beta, lo, hi: once
+    for _ in range(3):  # token after token, alternating devices
+        again = [policy.move(0, a), policy.move(1, far), policy.move(2, a)]
+        assert torch.equal(again[0], first[0]) and torch.equal(again[2], first[2])
+    assert copied.count("meta") == 4
+    omega, beta, lo, hi = policy.omega[0], policy.beta[0], policy.lo[0], policy.hi[0]
+    moved = a + policy.strength * (omega * a + beta - a)
+    assert torch.equal(first[0], torch.where((a >= lo) & (a <= hi), moved, a))

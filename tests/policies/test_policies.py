@@ -250,3 +250,50 @@ def test_slim_counts_the_positions_at_which_its_layer_fires():
     assert 0 < fired < 8 and policy.firing_rate() == pytest.approx(fired / 8)
     policy.reset_counts()
     assert policy.firing_rate() is None
+
+
+@pytest.fixture
+def host_copies(monkeypatch):
+    """Shapes of the tensors copied from host memory to another device (Tensor.to, counted) while the test runs."""
+    copied, original = [], torch.Tensor.to
+
+    def to(self, *args, **kw):
+        out = original(self, *args, **kw)
+        if self.device.type == "cpu" and out.device.type != "cpu":
+            copied.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return copied
+
+
+@pytest.mark.parametrize("kind", ["slim", "iti", "mimic"])
+def test_per_token_edits_copy_nothing_from_host_memory_after_the_first(kind, host_copies):
+    """The model's layer on another device (meta here, a GPU in use): its tensors are copied there on the first
+    generated token only, not at every one."""
+    policy = policy_of(kind, tiny_model("llama"))
+    a = torch.empty(5, H, D, device="meta")  # (n, H, d) on the layer's device
+    policy.move(LAYER, a)
+    first = len(host_copies)
+    assert first > 0
+    for _ in range(3):
+        assert policy.move(LAYER, a).shape == (5, H, D)
+    assert len(host_copies) == first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cached_tensors_move_as_the_formulas(dtype):
+    """ITI and MiMiC, twice each (the second from the cached tensors), byte-equal to their formulas in the
+    model's dtype."""
+    model = tiny_model("llama")
+    a = torch.randn(5, H, D, generator=torch.Generator().manual_seed(7)).to(dtype)
+    iti, mimic = policy_of("iti", model), policy_of("mimic", model)
+    expected = a.clone()
+    for (_, h), sigma, direction in zip(iti.heads.tolist(), iti.sigmas, iti.directions):
+        expected[:, h] += (iti.alpha * sigma * direction).to(dtype)
+    a32 = a.float()
+    mapped = torch.einsum("hij,bhj->bhi", mimic.A, a32) + mimic.b
+    expected_mimic = (a32 + mimic.strength * (mapped - a32)).to(dtype)
+    for _ in range(2):
+        assert torch.equal(iti.move(LAYER, a), expected)
+        assert torch.equal(mimic.move(LAYER, a), expected_mimic)

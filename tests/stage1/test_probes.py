@@ -354,6 +354,8 @@ def test_bad_parameters_raise():
         dict(block_size=0),
         dict(n_jobs=0),
         dict(checkpoint="middle"),
+        dict(device="gpu"),
+        dict(device="cuda:99"),  # no machine has it
     ]:
         with pytest.raises(ValueError):
             RiskAwareProbes(**kw).fit(X, y, X_val, y_val)
@@ -389,3 +391,62 @@ def test_bad_data_raise():
         choose_layer([{"layer": 0, "val_loss": 0.1}], criterion="auc")
     with pytest.raises(ValueError):
         hard_risk_loss(P4[:, 0], Y4)  # p must be (N, P)
+
+
+# -----------------------------------------------------------------------------
+# on a GPU: block size from free memory, no host sync per epoch, float32 without TF32
+
+
+def test_gpu_block_follows_free_memory(monkeypatch):
+    P, d, N, N_val, E = 5120, 128, 4700, 1200, 1000
+    n = N + N_val
+
+    def buffer_bytes(B, checkpoint):  # what one block allocates, counted from _train_block's buffers
+        floats = B * (d + 1) * n + B * (n + 2 * N + N_val) + (E + 1) * B * 2 + 5 * B * (d + 1)
+        floats += (E + 1) * B * (d + 1) if checkpoint == "best" else 0
+        return 4 * floats + 2 * B * d * n  # float32 buffers, float16 rows as they arrive
+
+    free = 12 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 << 30))
+    for checkpoint in ("last", "best"):
+        B = RiskAwareProbes(device="cuda:0", epochs=E, checkpoint=checkpoint)._block_size(P, d, n, 2)
+        assert 0 < B < P and buffer_bytes(B, checkpoint) <= 0.6 * free < buffer_bytes(B + 64, checkpoint)
+    last = RiskAwareProbes(device="cuda:0", epochs=E)._block_size(P, d, n, 2)
+    assert RiskAwareProbes(device="cuda:0", epochs=E, checkpoint="best")._block_size(P, d, n, 2) < last
+    free = 200 << 30
+    assert RiskAwareProbes(device="cuda:0", epochs=E)._block_size(P, d, n, 2) == P  # all at once when they fit
+    assert RiskAwareProbes(device="cuda:0", block_size=7)._block_size(P, d, n, 2) == 7
+
+
+def test_host_syncs_do_not_grow_with_epochs(monkeypatch):
+    """Every way a tensor's value reaches Python, counted: on a GPU each is a sync, so none may run per epoch."""
+    X, y, X_val, y_val = make_problem(N=60, N_val=30, P=5, d=4)
+    calls = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _real=real, _n=name, **k: calls.append(_n) or _real(self, *a, **k)
+        )
+
+    counts = {}
+    for checkpoint in ("last", "best"):
+        for epochs in (3, 40):
+            calls.clear()
+            RiskAwareProbes(epochs=epochs, checkpoint=checkpoint, block_size=5, n_jobs=1).fit(X, y, X_val, y_val)
+            counts[checkpoint, epochs] = sorted(calls)
+        assert counts[checkpoint, 3] == counts[checkpoint, 40] and len(counts[checkpoint, 3]) < 30
+
+
+def test_tf32_is_off_while_probes_train_on_cuda():
+    from slim.stage1.probes import _exact_float32_matmul
+
+    flag = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with _exact_float32_matmul(torch.device("cuda:0")):
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # restored
+        with _exact_float32_matmul(torch.device("cpu")):
+            assert torch.backends.cuda.matmul.allow_tf32 is True  # the CPU has no TF32 to turn off
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = flag
