@@ -12,13 +12,16 @@ Scores: gold match (a normalised gold answer contained in the answer), and
 the run's truth and info judges (True %, Info %, True*Info), with bootstrap
 intervals and paired changes from the unintervened answers (slim/transfer.py).
 Writes the Markdown report to --out and its numbers to a JSON beside it.
-Without --nq_file, NQ-open comes from the Hugging Face hub (`pip install
-datasets`); where it cannot be had, a note saying so goes to --out and the
-script exits 0.
+NQ-open comes from the first of: --nq_file, the file the environment
+variable SLIM_NQ_FILE names, the cache ($SLIM_CACHE/nq_open/NQ-open.dev.jsonl),
+then the Hugging Face hub (`pip install datasets`, online); the report and
+the JSON say which, with the file's sha256. Where none can be had, a note
+saying so goes to --out and the script exits 0.
 """
 
 import argparse
 import datetime
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -41,9 +44,16 @@ EVAL_FIELDS = {"answer_batch_size": "batch_size"}
 def flags() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("summaries", nargs="+", help="TruthfulQA summary JSONs (test runs), their config beside them")
-    parser.add_argument("--nq_file", default=None, help="NQ-open as JSONL, JSON, CSV or parquet (question, answer)")
-    parser.add_argument("--split", default="validation", help="nq_open split loaded from the hub without --nq_file")
-    parser.add_argument("--max_questions", type=int, default=None, help="the first N of a shuffle seeded by --seed")
+    parser.add_argument(
+        "--nq_file",
+        default=None,
+        help="NQ-open as JSONL, JSON, CSV or parquet (question, answer); default: $SLIM_NQ_FILE, then "
+        "$SLIM_CACHE/nq_open/NQ-open.dev.jsonl, then the hub",
+    )
+    parser.add_argument("--split", default="validation", help="nq_open split, when loaded from the hub (no file)")
+    parser.add_argument(
+        "--max_questions", type=int, default=None, help="the first N of a shuffle seeded by --seed (default: all)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of that shuffle")
     parser.add_argument("--out", required=True, help="the Markdown report (its numbers: a JSON beside it)")
     parser.add_argument("--model_name", default=None, help="model key or hub id (default: the TruthfulQA run's)")
@@ -59,6 +69,14 @@ def flags() -> argparse.ArgumentParser:
 
 def json_path(out: Path) -> Path:
     return out.with_suffix(".json") if out.suffix.lower() == ".md" else out.with_name(out.name + ".json")
+
+
+def ran_before(path: Path) -> bool:
+    """Whether the JSON at `path` is a transfer report that ran (not a note, not damaged)."""
+    try:
+        return json.loads(path.read_text()).get("status") == "ran"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def main(argv=None):
@@ -102,6 +120,9 @@ def report(args, argv=None) -> None:
         questions = load_nq_open(args.nq_file, args.split, args.max_questions, args.seed)
     except TransferUnavailable as err:
         reason = " ".join(str(err).split())
+        if ran_before(json_path(out)):  # a note would replace results this run cannot redo
+            print(f"transfer could not run ({reason}); the earlier report {out} is kept")
+            return
         write_text(out, unavailable_note(reason, command, date))
         write_json(json_path(out), {"status": "not run", "reason": reason, "command": command, "date": date})
         print(f"transfer could not run ({reason}); note written to {out}")
@@ -121,13 +142,12 @@ def report(args, argv=None) -> None:
 
     n_params = sum(p.numel() for p in lm.model.parameters())
     judges = {"truth": judge_identity(scorers.truth_judge), "info": judge_identity(scorers.info_judge)}
-    where = (
-        f"`{source['file']}` (sha256 `{source['sha256']}`)"
-        if "file" in source
-        else f"Hugging Face `{source['dataset']}`, split `{source['split']}`"
-    )
     subset = source.get("subset")
-    picked = f", the first {subset['n']} of a permutation seeded by {subset['seed']}" if subset else ""
+    picked = (
+        f", the first {subset['n']} of a permutation seeded by {subset['seed']} (numpy default_rng), in file order"
+        if subset
+        else ", all of them"
+    )
     header = [
         f"## Transfer to NQ-open: TruthfulQA-fitted policies ({tag})",
         "",
@@ -136,11 +156,12 @@ def report(args, argv=None) -> None:
         f"Model: `{tag}` ({parameters(n_params)} parameters); answers: the TruthfulQA prompt, greedy, "
         f"--max_new_tokens {cfg.max_new_tokens}, the {cfg.answer_rule} answer rule.",
         f"Judges: truth `{judges['truth']}`, info `{judges['info']}`.",
-        f"Data: NQ-open from {where}: {len(questions)} of {source['records']} questions{picked}.",
+        f"Data: NQ-open from {data_source(source)}: {len(questions):,} of {source['records']:,} questions{picked}.",
         "Policies: each fold's policy as fitted on TruthfulQA (" + ", ".join(f"`{r.summary}`" for r in runs) + "); "
         "every fold's policy answers every question.",
     ]
-    if n_params < 6e9:
+    small = n_params < 6e9
+    if small:
         header.append(
             f"**Small-model results**: a model of {parameters(n_params)} parameters, not the paper's 7B models; "
             "read them as a check of the pipeline, not as the paper's numbers."
@@ -163,6 +184,7 @@ def report(args, argv=None) -> None:
             "date": date,
             "model": {"tag": tag, "name": args.model_name, "model_dir": args.model_dir, "parameters": n_params},
             "judges": judges,
+            "small_model": small,
             "data": source,
             "questions": len(questions),
             "eval": {
@@ -177,6 +199,15 @@ def report(args, argv=None) -> None:
         },
     )
     print(f"transfer report: {out} (numbers: {json_path(out)})")
+
+
+def data_source(source: dict) -> str:
+    """Where the questions came from, for the report: the file, how it was found and its sha256, or the hub."""
+    if "file" not in source:
+        return f"Hugging Face `{source['dataset']}`, split `{source['split']}` (online, through `datasets`)"
+    found = {"cache": "the cache"}.get(source.get("found_by"), f"`{source.get('found_by')}`")
+    which = "the published NQ-open dev split" if source.get("dev_split") else "not the published NQ-open dev split"
+    return f"`{source['file']}` (found by {found}; sha256 `{source['sha256']}`, {which})"
 
 
 def parameters(n: int) -> str:

