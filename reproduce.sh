@@ -4,7 +4,8 @@
 #   bash reproduce.sh                 # quick: the first 300 questions, 60 scored per fold and method
 #   FULL=1 bash reproduce.sh          # all 817 questions, every test question scored
 #   MODEL=llama_7B FULL=1 bash reproduce.sh --device 0 --judge_name <ft-judge> --info_name <ft-info>
-#   NQ_FILE=nq_open_validation.jsonl bash reproduce.sh   # transfer from a local NQ-open file when offline
+#   SLIM_NQ_FILE=NQ-open.dev.jsonl bash reproduce.sh   # transfer offline from a local NQ-open file (or NQ_FILE=...)
+#   MODELS="smollm2_135M gemma3_270M" bash reproduce.sh  # each model's whole run in turn, then Table 1 across them
 #
 # Stages, each cached: a rerun after an interruption redoes nothing finished (answers, probes, maps and
 # policies are read back; tables are written again from the summaries).
@@ -15,20 +16,55 @@
 #   4. Table 2: the mixed arms (mixed_arms.py), each knob swept on the validation questions, then tested
 #   5. Table 3: SLIM with probes trained by binary cross-entropy and by l2 instead of FPR+FNR
 #   6. Table 4: running times (timings.py) on this machine's device
-#   7. Transfer to NQ-open (transfer.py): online through `datasets`, offline from NQ_FILE; otherwise a note
+#   7. Transfer to NQ-open (transfer.py): NQ_FILE, else SLIM_NQ_FILE, the cache, then
+#      online through `datasets`; otherwise a note
 #   8. The list of artefacts (paper/index.md); with README=README.md also the README's results section
 # Tables 2 and 3 skip MC1/MC2 and CE/KL (the paper reports True*Info and True there).
+# MODELS: `MODEL=<m> bash reproduce.sh` for each model in turn (the same files per model; a model whose run fails
+# stops the command), then Table 1 across the models (paper/table1_models_<mode>.md), their index
+# (paper/index_models_<mode>.md) and, with README, the README's section on every model.
+# ITI's K (NUM_HEADS) defaults per model by the rule of slim.models.defaults (the paper's models 48, others
+# SmolLM2's 24 of 270 heads as a share of theirs: Gemma 3 270M 6); the K and the rule go into the index.
 #
-# Environment: MODEL, FULL, NUM_FOLD, N_QUESTIONS, MAX_QUESTIONS, SWEEP_Q, KAPPAS, ALPHAS, STRENGTHS, NUM_HEADS,
-# FIGURE_BLS, OUT_DIR, PAPER_DIR (default paper), NQ_FILE, NQ_QUESTIONS, README. Extra arguments go to every Python command.
+# Environment: MODEL, MODELS, FULL, NUM_FOLD, N_QUESTIONS, MAX_QUESTIONS, SWEEP_Q, KAPPAS, ALPHAS, STRENGTHS,
+# NUM_HEADS, FIGURE_BLS, OUT_DIR, PAPER_DIR (default paper), NQ_FILE, NQ_QUESTIONS, README. Extra arguments go to
+# every Python command.
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/env.sh && slim_use_env  # the active environment, else .venv from install.sh (scripts/env.sh)
 start=$(date +%s)
+PAPER_DIR=${PAPER_DIR:-paper}
+SETTINGS="FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS STRENGTHS NUM_HEADS FIGURE_BLS NQ_QUESTIONS"
+settings=""  # the environment the command was given: the recorded command runs again as it is
+[ -n "${MODEL:-}" ] && settings+="MODEL=\"$MODEL\" "
+if [ -n "${MODELS:-}" ]; then  # several models: each one's whole run in turn, timed, then Table 1 across them
+  read -r -a models <<< "$MODELS"
+  mode=quick; [ -n "${FULL:-}" ] && mode=full
+  for v in $SETTINGS; do [ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "; done
+  cmd=$(printf '%q ' bash reproduce.sh "$@"); cmd="MODELS=\"$MODELS\" ${settings}${cmd% }"
+  for m in "${models[@]}"; do
+    t0=$(date +%s)
+    echo; echo "=== reproduce.sh ($mode): model $m ==="
+    if ! env -u MODELS -u README MODEL="$m" bash reproduce.sh "$@"; then
+      echo "error: reproduce.sh stopped at model $m, whose run failed (above); the models before it are finished" \
+        "and a rerun reads back what every run finished." >&2
+      exit 1
+    fi
+    echo "=== reproduce.sh ($mode): model $m done in $(( $(date +%s) - t0 )) s ==="
+  done
+  readme=(); [ -n "${README:-}" ] && readme=(--readme "$README")
+  python -m slim.paper --paper_dir "$PAPER_DIR" --models "${models[@]//\//_}" --mode "$mode" --command "$cmd" \
+    --seconds "$(( $(date +%s) - start ))" "${readme[@]}"
+  exit 0
+fi
 MODEL=${MODEL:-smollm2_135M}
 NUM_FOLD=${NUM_FOLD:-2}
-NUM_HEADS=${NUM_HEADS:-24}
-PAPER_DIR=${PAPER_DIR:-paper}
+if [ -n "${NUM_HEADS:-}" ]; then
+  heads_rule=NUM_HEADS  # set by the caller
+else  # ITI's K chosen for the model (slim.models.defaults), printed as "K rule"
+  chosen=$(python -m slim.models.defaults num_heads "$MODEL" --with_rule "$@")
+  read -r NUM_HEADS heads_rule <<< "$chosen"
+fi
 name=${MODEL//\//_}
 if [ -n "${FULL:-}" ]; then
   mode=full; OUT_DIR=${OUT_DIR:-validation}; subset=()
@@ -48,10 +84,7 @@ light=(--no_mc --no_ce_kl)
 mkdir -p "$PAPER_DIR"
 written=$(mktemp); rows_file=$(mktemp); trap 'rm -f "$written" "$rows_file"' EXIT
 
-settings=""
-for v in FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS STRENGTHS NUM_HEADS FIGURE_BLS NQ_QUESTIONS; do
-  [ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "
-done
+for v in $SETTINGS; do [ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "; done
 cmd=$(printf '%q ' bash reproduce.sh "$@"); cmd="${settings}${cmd% }"
 judges="judges: ${JUDGES:-offline unless named}"
 stage() { echo; echo "=== reproduce.sh ($mode): $* ==="; }
@@ -120,4 +153,5 @@ python transfer.py "$iti_row" "$slim_row" "$linear_act_row" "${nq[@]}" \
 stage "8/8 the artefacts"
 readme=(); [ -n "${README:-}" ] && readme=(--readme "$README")
 python -m slim.paper --paper_dir "$PAPER_DIR" --model "$name" --mode "$mode" --run_tag "$run_tag" --command "$cmd" \
-  --seconds "$(( $(date +%s) - start ))" "${readme[@]}"
+  --seconds "$(( $(date +%s) - start ))" --summaries "${rows[@]}" "$linear_act_row" \
+  --num_heads "$NUM_HEADS" --num_heads_rule "$heads_rule" "${readme[@]}"

@@ -26,7 +26,9 @@ else
   scored=(--max_questions "${MAX_QUESTIONS:-60}"); mode="quick: first ${N_QUESTIONS:-300} questions, ${MAX_QUESTIONS:-60} scored per fold"
   KAPPAS=${KAPPAS:-"0 10 20 40 80"}; ALPHAS=${ALPHAS:-"0 5 15"}; SWEEP_Q=${SWEEP_Q:-}
 fi
-NUM_HEADS=${NUM_HEADS:-24}  # ITI's K: the paper's 48 of 1,024 heads is about 5 %; 24 of SmolLM2's 270 is 9 %
+# ITI's K unless NUM_HEADS says: chosen per model (slim.models.defaults: the paper's models 48 of 1,024 heads,
+# others SmolLM2's 24 of 270 as a share of theirs)
+NUM_HEADS=${NUM_HEADS:-$(python -m slim.models.defaults num_heads "$MODEL" "$@")}
 common=(--num_fold "$NUM_FOLD" --out_dir "$OUT_DIR" "${subset[@]}")
 # Figure 1 goes to paper/ only from the full run on a registry model (or to a PAPER_DIR asked for); other runs
 # keep it under their OUT_DIR.

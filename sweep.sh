@@ -9,7 +9,8 @@
 #   METHOD=iti_on_slim_layer ALPHAS="2 5 15" bash sweep.sh
 #
 # Environment: MODEL, METHOD (slim|iti|linear_act|slim_on_iti_heads|iti_on_slim_layer), KAPPAS, ALPHAS, STRENGTHS, CRITERION (true_info|true|info|sem),
-# MAX_DEGENERACY (a setting above it is never chosen), NUM_FOLD, BL, GAMMA, NUM_HEADS, MAX_QUESTIONS.
+# MAX_DEGENERACY (a setting above it is never chosen), NUM_FOLD, BL, GAMMA, NUM_HEADS (ITI's K; default per model,
+# slim.models.defaults), MAX_QUESTIONS.
 # One Python process scores the whole grid (the model and the judges loaded once); extra arguments go to it.
 # The choice is written to validation/<model>_best_<method>.json, which `ot_edit_layer.py --kappa best` and
 # `validate_2fold.py --alpha best` read.
@@ -26,19 +27,21 @@ MAX_DEGENERACY=${MAX_DEGENERACY:-0.2}
 NUM_FOLD=${NUM_FOLD:-2}
 BL=${BL:-1.0}
 GAMMA=${GAMMA:-0.1}
-NUM_HEADS=${NUM_HEADS:-48}
 OUT_DIR=${OUT_DIR:-validation}
 quick=()
 [ -n "${MAX_QUESTIONS:-}" ] && quick=(--max_questions "$MAX_QUESTIONS")
 
 written=$(mktemp)  # the run writes the paths of its summaries here, one per grid value (--summary_out)
 trap 'rm -f "$written"' EXIT
+# ITI's K, where the method has one and NUM_HEADS does not say: chosen per model (slim.models.defaults)
+num_heads() { python -m slim.models.defaults num_heads "$MODEL" "$@"; }
 # one process per method for the whole grid: the model, the probes and the judges are loaded once
 if [ "$METHOD" = slim ]; then
   param=kappa; read -r -a grid <<< "$KAPPAS"
   run=(ot_edit_layer.py "$MODEL" --bl "$BL" --alpha "$GAMMA" --kappa)
 elif [ "$METHOD" = iti ]; then
   param=alpha; read -r -a grid <<< "$ALPHAS"
+  NUM_HEADS=${NUM_HEADS:-$(num_heads "$@")}
   run=(validate_2fold.py "$MODEL" --num_heads "$NUM_HEADS" --use_center_of_mass --alpha)
 elif [ "$METHOD" = linear_act ]; then
   param=strength; read -r -a grid <<< "$STRENGTHS"
@@ -47,6 +50,7 @@ elif [ "$METHOD" = slim_on_iti_heads ] || [ "$METHOD" = iti_on_slim_layer ]; the
   param=alpha; values=$ALPHAS
   [ "$METHOD" = slim_on_iti_heads ] && param=kappa && values=$KAPPAS
   read -r -a grid <<< "$values"
+  NUM_HEADS=${NUM_HEADS:-$(num_heads "$@")}
   run=(mixed_arms.py "$MODEL" --arm "$METHOD" --bl "$BL" --gamma "$GAMMA" --num_heads "$NUM_HEADS"
     --use_center_of_mass "--$param")
 else

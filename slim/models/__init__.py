@@ -6,7 +6,7 @@ Modules:
     heads      HeadTrace (a context manager over the attention-output inputs), HeadLayout, set_head_layout
     placement  --dtype and --device auto's choices
     embedder   SEM's and the offline judge's sentence embedder
-    defaults   per-model defaults of the pipeline, each by a stated rule (ITI's K)
+    defaults   settings chosen per model: ITI's K (python -m slim.models.defaults num_heads MODEL)
 
 The names of the old `slim.models` module are re-exported here.
 """

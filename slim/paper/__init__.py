@@ -2,6 +2,7 @@
 
 Modules:
     index     python -m slim.paper: the index of reproduce.sh's artefacts and the README's generated section
+    across_models  Table 1 across models (python -m slim.paper.across_models ...)
     figures   Figure 2 (python -m slim.paper.figures sweep ...)
     examples  Table 5 (python -m slim.paper.examples ...)
     timing    Table 4's components: stage 1's probes of one layer, one head's map, ITI's fit

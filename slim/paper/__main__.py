@@ -1,6 +1,6 @@
-"""python -m slim.paper: the index of reproduce.sh's artefacts (see slim.paper.index)."""
+"""python -m slim.paper: the index of reproduce.sh's artefacts (see slim.paper.index); errors in one line."""
 
-from .index import main
+from .index import run
 
 if __name__ == "__main__":
-    main()
+    run()

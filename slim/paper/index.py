@@ -3,11 +3,16 @@
     python -m slim.paper --paper_dir paper --model smollm2_135M --mode full --run_tag smollm2_135M \
         --command "FULL=1 bash reproduce.sh" --seconds 5400 --readme README.md
     python -m slim.paper --model smollm2_135M --mode full --readme README.md --readme_only   # the README alone
+    python -m slim.paper --models smollm2_135M gemma3_270M --mode full --command "MODELS=... bash reproduce.sh" \
+        --seconds 9000 --readme README.md                    # after every model's run: Table 1 across them
 
 The index (`index_<model>_<mode>.md`, and a JSON beside it) lists every artefact of the run with its path, and
-says which are missing. With --readme, the text between the README's two markers (below) is replaced by a short
-summary read from the run's files (never copied by hand): the times of the quick and full runs where their
-indexes exist, Table 1's pooled values and changes with their intervals, and a link to every artefact.
+says which are missing; its JSON also names Table 1's summaries and ITI's K with the rule that chose it. With
+--readme, the text between the README's two markers (below) is replaced by a short summary read from the run's
+files (never copied by hand): the times of the quick and full runs where their indexes exist, Table 1's pooled
+values and changes with their intervals, and a link to every artefact. With --models: Table 1 across the models
+(slim.paper.across_models, `table1_models_<mode>.md`), their index (`index_models_<mode>.md` and `.json`) and the
+README's section on every model (its command, date, wall time, ITI's K, Table 1's headline with its judges, links).
 """
 
 from __future__ import annotations
@@ -56,10 +61,30 @@ def _duration(seconds: float) -> str:
     return f"{h} h {m:02d} min {s:02d} s" if h else f"{m} min {s:02d} s"
 
 
+def _machine() -> str:
+    return f"{platform.machine()}, {platform.system()}, Python {platform.python_version()}"
+
+
+def _heads(record: dict) -> str:
+    """`ITI's K = 6 heads (rule smollm2_share)` from an index record, "" where it was not recorded."""
+    heads = record.get("iti_num_heads")
+    return f"ITI's K = {heads['k']} heads (rule {heads['rule']})" if heads else ""
+
+
 def write_index(
-    paper_dir: str | Path, model: str, mode: str, tag: str, command: str, seconds: float
+    paper_dir: str | Path,
+    model: str,
+    mode: str,
+    tag: str,
+    command: str,
+    seconds: float,
+    summaries: list[str] | None = None,
+    num_heads: int | None = None,
+    num_heads_rule: str | None = None,
 ) -> tuple[Path, list[dict]]:
-    """`index_<model>_<mode>.md` and `.json`: the run's artefacts, its command, date, wall time and machine."""
+    """`index_<model>_<mode>.md` and `.json`: the run's artefacts, its command, date, wall time and machine; the
+    JSON also names Table 1's summaries (`summaries`, read by slim.paper.across_models) and ITI's K with the name
+    of the rule that chose it (slim.models.defaults, or NUM_HEADS when the caller set it)."""
     rows = artefacts(paper_dir, model, mode, tag)
     record = {
         "model": model,
@@ -68,8 +93,10 @@ def write_index(
         "command": command,
         "date": datetime.date.today().isoformat(),
         "seconds": float(seconds),
-        "machine": f"{platform.machine()}, {platform.system()}, Python {platform.python_version()}",
+        "machine": _machine(),
         "artefacts": rows,
+        "table1_summaries": [str(p) for p in summaries or []],
+        "iti_num_heads": None if num_heads is None else {"k": int(num_heads), "rule": num_heads_rule or "unnamed"},
     }
     paper_dir = Path(paper_dir)
     write_json(paper_dir / f"index_{model}_{mode}.json", record)
@@ -78,6 +105,7 @@ def write_index(
         "",
         f"Produced {record['date']} by `{command}` in {_duration(seconds)} ({record['machine']}).",
         "",
+        *([f"{_heads(record)}; the rules: slim.models.defaults.", ""] if _heads(record) else []),
         "| artefact | file | what |",
         "| --- | --- | --- |",
     ]
@@ -153,6 +181,118 @@ def results_section(paper_dir: str | Path, model: str, mode: str, readme: Path) 
     return "\n".join(parts).rstrip() + "\n"
 
 
+def _table1(record: dict) -> Path | None:
+    """The Table 1 file an index record lists, None when the run did not write it."""
+    found = [Path(a["path"]) for a in record["artefacts"] if a["name"] == "Table 1" and Path(a["path"]).exists()]
+    return found[0] if found else None
+
+
+def _judges(table1: Path | None) -> str:
+    """The judges line of a Table 1 file ("" when it has none)."""
+    lines = table1.read_text().splitlines() if table1 is not None else []
+    return next((line for line in lines if line.startswith("Judges:")), "")
+
+
+def _read_record(path: Path, todo: str) -> dict:
+    if not path.exists():
+        raise ValueError(f"{path} is missing: {todo}")
+    return json.loads(path.read_text())
+
+
+LINKED = ("index", "table1")  # each model's files linked from the models' index
+
+
+def write_models_index(
+    paper_dir: str | Path, models: list[str], mode: str, command: str, seconds: float
+) -> tuple[Path, dict]:
+    """After every model's run: Table 1 across `models` (slim.paper.across_models) and `index_models_<mode>.md`
+    and `.json`: the command, date and wall time of all, and per model its index, command, date, wall time,
+    ITI's K, judges and Table 1."""
+    from .across_models import write_combined
+
+    paper_dir = Path(paper_dir)
+    combined = write_combined(paper_dir, models, mode, command)
+    runs = []
+    for model in models:
+        r = json.loads((paper_dir / f"index_{model}_{mode}.json").read_text())  # there: write_combined read it
+        table1 = _table1(r)
+        runs.append(
+            {
+                **{k: r.get(k) for k in ("model", "command", "date", "seconds", "iti_num_heads")},
+                "index": str(paper_dir / f"index_{model}_{mode}.md"),
+                "table1": str(table1 or paper_dir / f"table1_{model}_{mode}.md"),
+                "judges": _judges(table1),
+            }
+        )
+    record = {
+        "models": list(models),
+        "mode": mode,
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+        "seconds": float(seconds),
+        "machine": _machine(),
+        "combined_table": str(combined),
+        "runs": runs,
+    }
+    write_json(paper_dir / f"index_models_{mode}.json", record)
+    lines = [
+        f"# reproduce.sh: {', '.join(models)}, {mode} mode",
+        "",
+        f"Produced {record['date']} by `{command}` in {_duration(seconds)} ({record['machine']}).",
+        "",
+        f"Table 1 across the models: [{combined.name}]({combined.name})",
+        "",
+        "| model | wall time | date | ITI's K | judges | index | Table 1 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in runs:
+        heads = f"{r['iti_num_heads']['k']} ({r['iti_num_heads']['rule']})" if r["iti_num_heads"] else "-"
+        cells = [
+            r["model"],
+            _duration(r["seconds"]),
+            r["date"],
+            heads,
+            r["judges"].removeprefix("Judges: ").rstrip(".") or "-",
+        ]
+        cells += [f"[{Path(r[k]).name}]({Path(r[k]).name})" if Path(r[k]).exists() else "**missing**" for k in LINKED]
+        lines.append("| " + " | ".join(cells) + " |")
+    out = write_text(paper_dir / f"index_models_{mode}.md", "\n".join(lines) + "\n")
+    return out, record
+
+
+def models_section(paper_dir: str | Path, mode: str, readme: Path) -> str:
+    """The README's generated results for several models, kept short: the command and date, the link to Table 1
+    across the models, then per model its command, date, wall time and ITI's K, Table 1's headline (with its
+    judges) and one line of links to its artefacts."""
+    paper_dir = Path(paper_dir)
+    todo = f"run `MODELS=... bash reproduce.sh` ({mode} mode) first."
+    record = _read_record(paper_dir / f"index_models_{mode}.json", todo)
+    rel = Path(os.path.relpath(paper_dir.resolve(), readme.resolve().parent))  # files linked from the README
+    combined = Path(record["combined_table"]).name
+    names = ", ".join(f"`{m}`" for m in record["models"])
+    parts = [
+        f"Generated from `{paper_dir}/` by `{record['command']}` on {record['date']} ({mode} mode, models {names}; "
+        f"{_duration(record['seconds'])} wall time in all, {record['machine']}). These are small-model results of "
+        "this project, not the paper's 7B ones.",
+        "",
+        f"**Table 1 across the models** (every value with its interval, every change paired against that model's "
+        f"unintervened answers): [{combined}]({rel / combined})",
+        "",
+    ]
+    for model in record["models"]:
+        r = _read_record(paper_dir / f"index_{model}_{mode}.json", todo)
+        heads = f"; {_heads(r)}" if _heads(r) else ""
+        parts += [f"**{model}**: `{r['command']}`, {r['date']}, {_duration(r['seconds'])} wall time{heads}.", ""]
+        table1 = _table1(r)
+        if table1 is not None:
+            parts += [table1_summary(table1.read_text()), ""]
+        there = [a for a in r["artefacts"] if Path(a["path"]).exists()]
+        links = ", ".join(f"[{a['name']}]({rel / Path(a['path']).name})" for a in there)
+        absent = [a["name"] for a in r["artefacts"] if not Path(a["path"]).exists()]
+        parts += [f"Artefacts: {links or 'none'}" + (f"; not written: {', '.join(absent)}." if absent else "."), ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
 def update_readme(readme: str | Path, section: str) -> Path:
     """Replace the text between the README's markers by `section`; one-line error when they are not there."""
     readme = Path(readme)
@@ -169,32 +309,56 @@ def main(argv=None):
 
     parser = argparse.ArgumentParser(description="Index of reproduce.sh's artefacts; the README's results.")
     parser.add_argument("--paper_dir", default="paper")
-    parser.add_argument("--model", required=True, help="the model as the artefacts name it")
+    parser.add_argument("--model", help="the model as the artefacts name it")
+    parser.add_argument("--models", nargs="+", help="several models, each run already: Table 1 across them")
     parser.add_argument("--mode", required=True, choices=("quick", "full"))
     parser.add_argument("--run_tag", help="the run's tag (names Figure 1's files)")
     parser.add_argument("--command")
     parser.add_argument("--seconds", type=float, help="the run's wall time")
+    parser.add_argument("--summaries", nargs="+", default=None, help="Table 1's summaries (recorded in the index)")
+    parser.add_argument("--num_heads", type=int, default=None, help="ITI's K in this run (recorded)")
+    parser.add_argument("--num_heads_rule", default=None, help="the rule that chose it (slim.models.defaults)")
     parser.add_argument("--readme", default=None, help="replace this README's generated results section")
     parser.add_argument(
         "--readme_only", action="store_true", help="only rewrite --readme's section from the existing index"
     )
     args = parser.parse_args(argv)
+    if (args.model is None) == (args.models is None):
+        parser.error("name the run's model by --model, or several models' runs by --models")
+    if args.readme_only and not args.readme:
+        parser.error("--readme_only needs --readme README.md")
+    readme = Path(args.readme) if args.readme else None
+    if args.models:
+        if not args.readme_only:
+            if args.command is None or args.seconds is None:
+                parser.error("--command and --seconds are needed to write the models' index (or pass --readme_only)")
+            out, record = write_models_index(args.paper_dir, args.models, args.mode, args.command, args.seconds)
+            print(f"Table 1 across the models: {record['combined_table']}")
+            print(f"index: {out}")
+        if readme:
+            print(f"README results: {update_readme(readme, models_section(args.paper_dir, args.mode, readme))}")
+        return []
     if args.readme_only:
-        if not args.readme:
-            parser.error("--readme_only needs --readme README.md")
-        readme = Path(args.readme)
-        print(
-            f"README results: {update_readme(readme, results_section(args.paper_dir, args.model, args.mode, readme))}"
-        )
+        section = results_section(args.paper_dir, args.model, args.mode, readme)
+        print(f"README results: {update_readme(readme, section)}")
         return []
     if args.run_tag is None or args.command is None or args.seconds is None:
         parser.error("--run_tag, --command and --seconds are needed to write the index (or pass --readme_only)")
-    out, rows = write_index(args.paper_dir, args.model, args.mode, args.run_tag, args.command, args.seconds)
+    out, rows = write_index(
+        args.paper_dir,
+        args.model,
+        args.mode,
+        args.run_tag,
+        args.command,
+        args.seconds,
+        args.summaries,
+        args.num_heads,
+        args.num_heads_rule,
+    )
     for r in rows:
         print(f"{r['name']:>22}: {r['path'] if r['exists'] else 'missing (' + r['path'] + ')'}")
     print(f"index: {out}")
-    if args.readme:
-        readme = Path(args.readme)
+    if readme:
         section = results_section(args.paper_dir, args.model, args.mode, readme)
         print(f"README results: {update_readme(readme, section)}")
     missing = [r["name"] for r in rows if not r["exists"]]
@@ -203,8 +367,13 @@ def main(argv=None):
     return rows
 
 
-if __name__ == "__main__":
+def run(argv=None):
+    """main() with its errors (a missing index or marker, judges that differ, a damaged summary) as one line."""
     try:
-        main()
-    except (ValueError, OSError) as err:
+        return main(argv)
+    except (ValueError, RuntimeError, OSError) as err:
         raise SystemExit(f"error: {' '.join(str(err).split())}") from None
+
+
+if __name__ == "__main__":
+    run()

@@ -1,8 +1,21 @@
-"""The README's generated section (slim.paper.index) is short: Table 1's headline from its file, links to the rest."""
+"""The README's generated section (slim.paper.index) is short: Table 1's headline from its file, links to the rest;
+with several models, each model's run and Table 1 across them."""
 
 import json
 
-from slim.paper.index import BEGIN, END, results_section, table1_summary, update_readme
+import pytest
+from test_across_models import write_model_run  # one model's run as reproduce.sh leaves it
+
+from slim.paper.index import (
+    BEGIN,
+    END,
+    main,
+    models_section,
+    results_section,
+    table1_summary,
+    update_readme,
+    write_models_index,
+)
 
 TABLE1 = """### Table 1: m, 2 folds
 
@@ -58,3 +71,53 @@ def test_results_section_links_every_artefact_and_inlines_table1(tmp_path):
     assert "| slim | kappa = 40 | pooled |" in section and "| 0.455 |" not in section
     assert "- Table 1: the methods: [table1_m_full.md](paper/table1_m_full.md)" in section
     assert "- Table 2: the arms: not written by this run" in section
+
+
+def test_the_index_and_the_readme_cover_every_model_run(tmp_path):
+    summaries, _ = write_model_run(tmp_path, "model_a", 0, "judge_a", 24)
+    write_model_run(tmp_path, "model_b", 1, "judge_b", 6)
+    paper = tmp_path / "paper"
+    # each model's own index names Table 1's summaries and ITI's K with its rule
+    own = json.loads((paper / "index_model_a_quick.json").read_text())
+    assert own["table1_summaries"] == summaries and own["iti_num_heads"] == {"k": 24, "rule": "smollm2_share"}
+    assert "ITI's K = 24 heads (rule smollm2_share)" in (paper / "index_model_a_quick.md").read_text()
+    (paper / "table2_model_b_quick.md").write_text("Table 2")
+    out, record = write_models_index(paper, ["model_a", "model_b"], "quick", 'MODELS="model_a model_b" bash x', 130)
+    assert out.name == "index_models_quick.md" and (paper / "index_models_quick.json").exists()
+    assert (
+        record["combined_table"] == str(paper / "table1_models_quick.md")
+        and (paper / "table1_models_quick.md").exists()
+    )
+    assert [r["model"] for r in record["runs"]] == ["model_a", "model_b"]
+    assert record["runs"][1]["judges"] == "Judges: truth `judge_b@truth`, info `judge_b@info`."
+    index = out.read_text()
+    assert "[table1_models_quick.md](table1_models_quick.md)" in index and "in 2 min 10 s" in index
+    assert "| model_b | 1 min 05 s | " in index and "| 6 (smollm2_share) | truth `judge_b@truth`" in index
+    assert (
+        "[index_model_b_quick.md](index_model_b_quick.md) | [table1_model_b_quick.md](table1_model_b_quick.md) |"
+        in index
+    )
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# P\n\n{BEGIN}\nold\n{END}\n")
+    update_readme(readme, models_section(paper, "quick", readme))
+    section = readme.read_text().split(BEGIN)[1].split(END)[0]
+    assert section.count("not the paper's 7B") == 1 and '`MODELS="model_a model_b" bash x`' in section
+    assert "[table1_models_quick.md](paper/table1_models_quick.md)" in section
+    for model, k in (("model_a", 24), ("model_b", 6)):
+        # each model: its command, date, wall time and K; its Table 1 headline with its judges; its artefacts
+        assert f"**{model}**: `MODEL={model} bash reproduce.sh`, " in section and f"ITI's K = {k} heads" in section
+        assert f"Judges: truth `judge_{model[-1]}@truth`" in section
+        assert f"[Table 1](paper/table1_{model}_quick.md)" in section
+    assert (
+        section.count("| slim | kappa = 40 | pooled | 160 |") == 2 and "| slim | kappa = 40 | 0 | 80 |" not in section
+    )
+    assert "[Table 2](paper/table2_model_b_quick.md)" in section and "not written: Table 2, Table 3" in section
+
+    # the command: --readme_only rewrites the section from the indexes; a run without them is one line
+    readme.write_text(f"# P\n\n{BEGIN}\nold\n{END}\n")
+    flags = ["--paper_dir", str(paper), "--models", "model_a", "model_b", "--mode", "quick", "--readme", str(readme)]
+    main([*flags, "--readme_only"])
+    assert readme.read_text().split(BEGIN)[1].split(END)[0] == section
+    with pytest.raises(ValueError, match=r"index_models_full.json is missing: run `MODELS=\.\.\. bash reproduce.sh`"):
+        models_section(paper, "full", readme)

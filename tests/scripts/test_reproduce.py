@@ -1,8 +1,11 @@
 """reproduce.sh end to end in quick mode on a tiny random Llama: every artefact of the paper is written, with
-intervals, and listed in the index; the README's generated section is replaced between its markers."""
+intervals, and listed in the index; the README's generated section is replaced between its markers. MODELS runs
+`MODEL=<m> bash reproduce.sh` for each model in turn (checked through a `bash` that notes its calls, on the end to
+end run's artefacts), then Table 1 across the models."""
 
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -64,6 +67,10 @@ def test_every_artefact_is_written_and_indexed(reproduced):
     missing = [a["name"] for a in index["artefacts"] if not a["exists"]]
     assert not missing, missing
     assert len(index["artefacts"]) == 11 and index["seconds"] > 0 and "reproduce.sh" in index["command"]
+    assert index["command"].startswith('MODEL="llama_7B" ') and 'NUM_HEADS="4"' in index["command"]
+    # Table 1's five summaries and ITI's K, with the rule that chose it (here the caller's NUM_HEADS)
+    assert len(index["table1_summaries"]) == 5 and all(os.path.exists(p) for p in index["table1_summaries"])
+    assert index["iti_num_heads"] == {"k": 4, "rule": "NUM_HEADS"}
     for a in index["artefacts"]:
         assert os.path.getsize(a["path"]) > 0
     assert "index:" in stdout and "missing" not in stdout.split("=== reproduce.sh (quick): 8/8")[-1]
@@ -103,3 +110,59 @@ def test_readme_without_markers_is_refused(tmp_path):
     with pytest.raises(ValueError, match="lacks the markers"):
         update_readme(readme, "x")
     assert readme.read_text() == "# no markers\n"
+
+
+def _noting_bash(root, fail_on=None):
+    """A `bash` first on PATH that notes each call (MODEL, whether MODELS and README reach it, the arguments) and
+    does nothing else; it fails for the model `fail_on`. The reproduce.sh under test runs in the real bash."""
+    shim, calls = root / "bin", root / "bash_calls.txt"
+    shim.mkdir()
+    note = f'echo "MODEL=$MODEL MODELS=${{MODELS-unset}} README=${{README-unset}} $*" >> "{calls}"\n'
+    fail = f'[ "$MODEL" = "{fail_on}" ] && exit 3\n' if fail_on else ""
+    (shim / "bash").write_text(f"#!/bin/sh\n{note}{fail}exit 0\n")
+    (shim / "bash").chmod(0o755)
+    return {"PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}, calls
+
+
+def test_models_runs_each_model_in_turn_then_table1_across_them(reproduced, tmp_path):
+    root, _, _ = reproduced
+    paper = root / "paper"
+    # a second model's run: the tiny model's run again under another name (its index names the same summaries)
+    index = json.loads((paper / "index_llama_7B_quick.json").read_text())
+    (paper / "index_alpaca_7B_quick.json").write_text(json.dumps({**index, "model": "alpaca_7B"}))
+    path, calls = _noting_bash(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# A project\n\n{BEGIN}\nold text\n{END}\n")
+    env = {**os.environ, **path, "MODELS": "llama_7B alpaca_7B", "PAPER_DIR": str(paper), "README": str(readme)}
+    proc = subprocess.run(
+        [shutil.which("bash"), "reproduce.sh", "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # each model's whole run, in turn, as `MODEL=<m> bash reproduce.sh` with the arguments; MODELS and README
+    # do not reach it (the README is written once, on every model)
+    assert calls.read_text().splitlines() == [
+        f"MODEL={m} MODELS=unset README=unset reproduce.sh --device cpu" for m in ("llama_7B", "alpaca_7B")
+    ]
+    combined = (paper / "table1_models_quick.md").read_text()
+    assert combined.count("| unintervened |") == 2 and combined.count("| SLIM |") == 2
+    assert "| **llama_7B** | unintervened |" in combined and "| **alpaca_7B** | unintervened |" in combined
+    record = json.loads((paper / "index_models_quick.json").read_text())
+    assert record["models"] == ["llama_7B", "alpaca_7B"] and record["command"].startswith('MODELS="llama_7B alpaca_7B"')
+    section = readme.read_text().split(BEGIN)[1].split(END)[0]
+    assert "[table1_models_quick.md]" in section and "**llama_7B**: " in section and "**alpaca_7B**: " in section
+
+
+def test_a_model_whose_run_fails_stops_models_in_one_line(tmp_path):
+    path, calls = _noting_bash(tmp_path, fail_on="broken")
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "kept.md").write_text("an earlier artefact")
+    env = {**os.environ, **path, "MODELS": "broken llama_7B", "PAPER_DIR": str(paper)}
+    proc = subprocess.run([shutil.which("bash"), "reproduce.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "error: reproduce.sh stopped at model broken, whose run failed (above); the models before it are finished "
+        "and a rerun reads back what every run finished."
+    ]
+    assert calls.read_text().splitlines() == ["MODEL=broken MODELS=unset README=unset reproduce.sh"]
+    assert sorted(p.name for p in paper.iterdir()) == ["kept.md"]  # nothing written across models, nothing lost
