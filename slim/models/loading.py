@@ -21,7 +21,15 @@ import torch
 from ..config import ParameterError
 from ..io import artefact_lock, parse_errors
 from .gguf import GGUF_SOURCES, SOURCE_FILE, conversion_problem, convert_gguf, gguf_file  # noqa: F401 (re-exported)
-from .placement import gpu_free_bytes, model_bytes, parse_dtype, placement, refuse_offload, resolve_dtype
+from .placement import (
+    check_fits_gpu,
+    gpu_free_bytes,
+    model_bytes,
+    parse_dtype,
+    placement,
+    refuse_offload,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +202,7 @@ def load_model(
         refuse_fp16(source, trust_remote_code)
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
     if target.startswith("cuda"):
+        check_fits_gpu(model_bytes(source, dtype, trust_remote_code), gpu_free_bytes(), target)
         kwargs["device_map"] = {"": target}  # loaded straight onto that GPU, no copy on the host
     elif target == "auto":
         kwargs["device_map"] = placement(model_bytes(source, dtype, trust_remote_code), gpu_free_bytes(), allow_offload)

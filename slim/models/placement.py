@@ -132,6 +132,20 @@ def placement(model_bytes: int, free_bytes: Sequence[int], allow_offload: bool =
     )
 
 
+def check_fits_gpu(model_bytes: int, free_bytes: Sequence[int], target: str) -> None:
+    """`--device cuda:N` (or N): refuse in one line, before any weight loads, a model whose weights alone exceed
+    that GPU's free memory (it would end in a CUDA out-of-memory error part way through loading)."""
+    index = int(target.split(":")[1]) if ":" in target else 0
+    free = list(free_bytes)
+    if index < len(free) and model_bytes > free[index]:
+        raise ParameterError(
+            "device",
+            f"{target}: the model's weights need about {_gib(model_bytes)} but {target} has {_gib(free[index])} "
+            "free: free that GPU, pass --device auto to spread the model over the visible GPUs, or load it "
+            "smaller (--dtype fp16 or bf16).",
+        )
+
+
 def refuse_offload(device_map: dict | None, allow_offload: bool = False) -> None:
     """One line when a loaded model's `hf_device_map` puts any part of it on the CPU or disk, unless allowed."""
     places = sorted({str(v) for v in (device_map or {}).values()} & {"cpu", "disk"})

@@ -154,6 +154,14 @@ def test_on_a_gpu_the_weights_go_straight_there(saved, monkeypatch):
     assert calls[-1]["device_map"] == {"": "cuda:1"} and calls[-1]["dtype"] == torch.float16  # saved in fp32
     load_model(model_dir=str(folder), device=1, dtype="bf16")
     assert calls[-1]["dtype"] == torch.bfloat16
+    # --device 1 with weights larger than that GPU's free memory: one line before any weight loads
+    n_calls = len(calls)
+    monkeypatch.setattr(loading, "model_bytes", lambda *a: 4 * GIB)
+    with pytest.raises(ParameterError) as err:
+        load_model(model_dir=str(folder), device=1)
+    assert err.value.param == "device" and "need about 4.0 GiB but cuda:1 has 3.0 GiB free" in str(err.value)
+    assert "--device auto" in str(err.value) and len(calls) == n_calls  # from_pretrained never called
+    monkeypatch.setattr(loading, "model_bytes", model_bytes)
     # auto: a tiny model fits one GPU's free memory
     load_model(model_dir=str(folder), device="auto")
     assert calls[-1]["device_map"] == {"": "cuda:0"}
