@@ -30,7 +30,7 @@ from slim.evaluation.sweep import at_knob, evaluate_grid
 from slim.io import artefact_lock
 from slim.layout import method_name
 from slim.policies.base import model_fingerprint
-from slim.policies.fit import ITI_SOLVERS, iti_for_fold
+from slim.policies.fit import iti_for_fold
 from slim.policies.mixed import iti_on_slim_layer_for_fold, slim_on_iti_heads_for_fold
 from slim.stage1.fit import chosen_layers, fit_stage1
 
@@ -56,13 +56,7 @@ def add_arm_flags(parser: argparse.ArgumentParser) -> None:
         choices=TUNING_DATASETS,
         help="activations whose projections give ITI's sigma (as validate_2fold.py)",
     )
-    parser.add_argument(
-        "--iti_solver",
-        default="sklearn",
-        choices=ITI_SOLVERS,
-        help="ITI's per-head probes: scikit-learn one head at a time (published) or one batched torch fit on "
-        "the run's device (for thousands of heads; a head's val accuracy can differ by a row)",
-    )
+    su.add_flags(parser, su.ITI_FLAGS)
 
 
 def policy_folder(layout, name: str, fold: int):

@@ -20,6 +20,7 @@ import torch
 
 from slim.config import (
     ANSWER_RULES,
+    ITI_SOLVERS,
     LAYER_CRITERIA,
     LIKELIHOOD_EDITS,
     LOSS_TYPES,
@@ -35,7 +36,7 @@ from slim.evaluation.evaluate import format_row
 from slim.io import DamagedArtefact, artefact_lock, write_text
 from slim.layout import RunLayout, model_tag
 from slim.models.loading import DEFAULT_MODEL, MODEL_REGISTRY, load_model, resolve_device, resolve_model_name
-from slim.models.placement import dtype_name, gpu_free_bytes, resolve_dtype
+from slim.models.placement import best_gpu, dtype_name, gpu_free_bytes, resolve_dtype
 
 ROOT = Path(__file__).resolve().parent
 VALIDATION_DIR = Path(os.environ.get("SLIM_VALIDATION_DIR", ROOT / "validation"))
@@ -108,6 +109,18 @@ PROBE_FLAGS = [
         ),
     ),
     ("--criterion", dict(default="val_loss", choices=LAYER_CRITERIA, help="how stage 1 chooses the edited layer")),
+]
+# the ITI scripts' (validate_2fold.py, mixed_arms.py)
+ITI_FLAGS = [
+    (
+        "--iti_solver",
+        dict(
+            default="sklearn",
+            choices=ITI_SOLVERS,
+            help="ITI's per-head probes: scikit-learn one head at a time (published) or one batched torch fit on "
+            "the run's device (for thousands of heads; a head's val accuracy can differ by a row)",
+        ),
+    ),
 ]
 EVAL_FLAGS = [
     ("--use_mode", dict(default="test", choices=("test", "val"), help="score test or validation questions")),
@@ -278,7 +291,7 @@ def compute_device(args, load=None) -> str:
     if load is not None and load.cache_info().currsize:  # loaded already: no load just to ask
         return str(load().device)
     free = gpu_free_bytes()
-    return f"cuda:{max(range(len(free)), key=lambda i: (free[i], -i))}" if free else "cpu"
+    return f"cuda:{best_gpu(free)}" if free else "cpu"
 
 
 def knob(value: str, layout: RunLayout, method: str, param: str) -> float:

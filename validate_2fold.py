@@ -26,7 +26,7 @@ from slim.data.folds import questions_and_folds
 from slim.evaluation.sweep import at_knob, evaluate_grid
 from slim.io import artefact_lock
 from slim.policies.base import model_fingerprint
-from slim.policies.fit import ITI_SOLVERS, iti_for_fold
+from slim.policies.fit import iti_for_fold
 
 
 def main():
@@ -51,13 +51,7 @@ def main():
         "one more extraction pass, cached), of the fold's train+val questions only, or the probe texts' "
         "train+val rows (same)",
     )
-    parser.add_argument(
-        "--iti_solver",
-        default="sklearn",
-        choices=ITI_SOLVERS,
-        help="ITI's per-head probes: scikit-learn one head at a time (published) or one batched torch fit on "
-        "the run's device (for thousands of heads; a head's val accuracy can differ by a row)",
-    )
+    su.add_flags(parser, su.ITI_FLAGS)
     args = su.accept_shared(parser).parse_args()
     data_cfg, eval_cfg = su.data_config(args), su.eval_config(args)
     layout = su.run_layout(args)

@@ -34,6 +34,7 @@ DIRECTIONS = ("com", "probe", "random")
 # activations whose projections on ITI's directions give sigma: tqa_gen_end_q texts of all the run's
 # questions (the published default), of the fold's train+val questions only, or the probe texts' train+val rows
 TUNING_DATASETS = ("tqa_gen_end_q_all", "tqa_gen_end_q", "same")
+ITI_SOLVERS = ("sklearn", "torch")  # ITI's per-head probes: scikit-learn one by one (published), or one torch fit
 SPLITS = ("test", "val")
 ANSWER_RULES = ("published", "paragraph")  # how an answer is cut out of a continuation (slim.answering)
 LIKELIHOOD_EDITS = ("every", "last")  # where MC1/MC2 and CE/KL are edited (slim.answering.likelihood)

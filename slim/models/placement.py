@@ -105,6 +105,11 @@ def gpu_free_bytes() -> list[int]:
     return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
 
 
+def best_gpu(free_bytes: Sequence[int]) -> int:
+    """The GPU with the most free memory (the first of equals): where --device auto puts a model that fits."""
+    return max(range(len(free_bytes)), key=lambda i: (free_bytes[i], -i))
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
@@ -118,7 +123,7 @@ def placement(model_bytes: int, free_bytes: Sequence[int], allow_offload: bool =
     """
     free = list(free_bytes)
     if free:
-        best = max(range(len(free)), key=lambda i: (free[i], -i))
+        best = best_gpu(free)
         if free[best] >= int(model_bytes * HEADROOM[0]) + HEADROOM[1]:
             return {"": f"cuda:{best}"}
     need = model_bytes + HEADROOM[1] * max(len(free), 1)  # spread: the weights, and each GPU's fixed room

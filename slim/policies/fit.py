@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ITIConfig, SlimConfig, check_int
+from ..config import ITI_SOLVERS, ITIConfig, SlimConfig, check_int
 from ..data.activations import ProbeData
 from ..io import DamagedArtefact, kill_point, warn_rebuild
 from ..stage1.fit import FoldProbes
@@ -36,8 +36,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-ITI_SOLVERS = ("sklearn", "torch")  # fit_iti: the published per-head scikit-learn fits, or one batched torch fit
 
 
 def fit_slim(
