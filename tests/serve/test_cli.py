@@ -15,6 +15,9 @@ from conftest import REPO, make_tokenizer, random_policy, tiny_model
 from slim.answering.decoding import greedy_answer_tokens
 from slim.policies.base import Policy
 
+pytest.importorskip("fastapi")  # the serve extra; the lock files do not carry it yet
+pytest.importorskip("uvicorn")
+
 PROMPT = "Q: What is the capital of France ? A:"
 
 
