@@ -39,6 +39,8 @@ __all__ = ["Served", "create_app"]
 
 log = logging.getLogger(__name__)
 
+_POLL_S = 0.25  # how often a reply being decoded checks that its client is still there
+
 
 @dataclass
 class Served:
@@ -154,14 +156,25 @@ def _choice_delta(parsed: Parsed, served: Served, index: int, event: Event, offs
     return {"index": index, "text": event.text, "logprobs": lp, "finish_reason": None}
 
 
-async def _complete(served: Served, parsed: Parsed, seqs: list[list[int]]) -> dict:
-    """The whole reply, once every choice has ended."""
+async def _complete(served: Served, parsed: Parsed, seqs: list[list[int]], request: Request) -> dict | None:
+    """The whole reply, once every choice has ended; None (and the rows freed) if the client goes away first."""
     events, rows = _submit(served, parsed, seqs)
     texts, tokens, finish = [""] * len(rows), [[] for _ in rows], [None] * len(rows)
     generated, left = 0, len(rows)
+    loop_time = asyncio.get_running_loop().time
+    last_check = loop_time()
     try:
         while left:
-            index, event = await events.get()
+            try:
+                index, event = await asyncio.wait_for(events.get(), timeout=_POLL_S)
+            except asyncio.TimeoutError:
+                event = None
+            if loop_time() - last_check >= _POLL_S:  # events may flow without pause: check by the clock
+                last_check = loop_time()
+                if await request.is_disconnected():  # nobody to answer: `finally` frees the rows
+                    return None
+            if event is None:
+                continue
             if event.kind == "error":
                 raise APIError(500, f"decoding failed: {event.error}", kind="server_error")
             if event.kind == "delta":
@@ -247,7 +260,8 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        engine = served.engine
+        return {"status": "ok", "running": engine.running, "queued": engine.queued, **engine.counts}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -264,7 +278,7 @@ def create_app(served: Served) -> FastAPI:
         if parsed.stream:
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(_stream(served, parsed, seqs), media_type="text/event-stream", headers=headers)
-        return await _complete(served, parsed, seqs)
+        return await _complete(served, parsed, seqs, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

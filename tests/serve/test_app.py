@@ -51,7 +51,9 @@ def complete(client, **body):
 
 
 def test_models_and_health(client):
-    assert client.get("/health").json() == {"status": "ok"}
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["running"] == health["queued"] == 0
+    assert set(health) == {"status", "running", "queued", "finished", "cancelled", "failed"}
     ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert ids == ["tiny", "tiny+slim", "tiny+iti"]
 
@@ -151,3 +153,24 @@ def test_api_key(setup, monkeypatch):
     assert client.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.get("/health").status_code == 200
+
+
+def test_a_request_whose_edit_fails_gets_a_500_and_the_others_their_answers(setup):
+    """An exception in one request's policy fails that request alone, in one line; the server goes on."""
+    from test_engine import Broken
+
+    model, tokenizer, policies = setup[:3]
+    engine = Engine(model, tokenizer, max_batch=8, wait_s=0.05).start()
+    served = Served("tiny", engine, tokenizer, {**policies, "broken": Broken(policies["slim"])}, context=128)
+    try:
+        client = TestClient(create_app(served))
+        bad = complete(client, model="tiny+broken")
+        assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+        assert bad.json()["error"]["message"] == (
+            "decoding failed: the policy's edit failed: RuntimeError: this edit is broken on purpose"
+        )
+        good = complete(client, model="tiny+slim")
+        assert good.status_code == 200 and good.json()["choices"][0]["text"] == greedy(setup, policies["slim"])[0]
+        assert client.get("/health").json()["failed"] == 1
+    finally:
+        engine.close()

@@ -3,6 +3,7 @@ answering the official openai client (completions, streaming)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -86,3 +87,54 @@ def test_the_openai_client_against_the_server(saved):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "k3y" not in out  # the key is never logged
+
+
+def health_when_idle(client, deadline_s=60.0) -> dict:
+    """/health once no row runs (the server frees rows between two decoding steps)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        health = client.get("/health").json()
+        if health["running"] == 0 and health["queued"] == 0:
+            return health
+        time.sleep(0.05)
+    pytest.fail(f"rows still running after {deadline_s} s: {health}")
+
+
+def test_a_client_that_goes_away_frees_its_rows(tmp_path):
+    """A reply of 4,000 tokens asked, the client gone after its first bytes (streamed) or half a second (not
+    streamed): the server stops decoding those rows, none of them finishes."""
+    httpx = pytest.importorskip("httpx")
+    model, tokenizer = tiny_model("llama", max_positions=8192), make_tokenizer()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(serve_cmd(tmp_path, "--port", str(port), "--max_tokens", "8000"), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    body = {"model": "model", "prompt": PROMPT, "max_tokens": 4000, "temperature": 0}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            for _ in range(600):
+                if proc.poll() is not None:
+                    pytest.fail(proc.stdout.read()[-3000:])
+                try:
+                    client.get("/health")
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+                client.post("/v1/completions", json=body, timeout=0.5)
+            health = health_when_idle(client)
+            assert (health["cancelled"], health["finished"]) == (1, 0)
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True, "n": 2}) as reply:
+                first = next(reply.iter_lines())
+                assert first.startswith("data: ") and json.loads(first[6:])["choices"]
+            health = health_when_idle(client)
+            assert (health["cancelled"], health["finished"]) == (3, 0)
+            reply = client.post("/v1/completions", json={**body, "max_tokens": 3})  # the server goes on
+            assert reply.status_code == 200 and client.get("/health").json()["finished"] == 1
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

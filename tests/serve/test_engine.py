@@ -115,3 +115,86 @@ def test_sampling_is_reproducible_by_seed_and_differs_across_seeds():
 
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
+
+
+def tiny_gemma3():
+    """A tiny Gemma 3 (sliding-window layers with a window of 4, query/key norms) that never ends early."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                           max_position_embeddings=128, pad_token_id=0, eos_token_id=None, bos_token_id=2)  # fmt: skip
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_requests_arriving_mid_batch_get_their_own_greedy_tokens(arch):
+    """The first token of a running batch submits more requests (other policies, longer and shorter prompts):
+    with plain full-attention caches they join the running batch; with sliding-window layers they wait for
+    it to end. Either way each row's tokens are those it gets alone."""
+    tokenizer = make_tokenizer()
+    model = tiny_gemma3() if arch == "gemma3" else tiny_model("llama", seed=3)
+    model.generation_config.eos_token_id = None
+    slim, iti = random_policy("slim", model), random_policy("iti", model)
+    engine = Engine(model, tokenizer, max_batch=8, wait_s=0.0)
+    merges = []
+    merge = engine._merge
+    engine._merge = lambda a, b: merges.append(a is not None and b is not None) or merge(a, b)
+    later_rows = [(PROMPTS[0] + " and then some more words", iti), ("who", None), (PROMPTS[2], slim)]
+    later = [Collect() for _ in later_rows]
+    later_reqs = [Request(list(tokenizer(p)["input_ids"]), pol, Sampling(max_tokens=9, temperature=0), c)
+                  for (p, pol), c in zip(later_rows, later)]  # fmt: skip
+
+    class SubmitOnFirstToken(Collect):
+        def __call__(self, event):
+            if not self.events:
+                engine.submit(later_reqs)  # queued before the running batch's second step
+            super().__call__(event)
+
+    first_rows = [(PROMPTS[3], slim), (PROMPTS[1], None)]
+    first = [SubmitOnFirstToken(), Collect()]
+    engine.start()
+    try:
+        engine.submit([Request(list(tokenizer(p)["input_ids"]), pol, Sampling(max_tokens=14, temperature=0), c)
+                       for (p, pol), c in zip(first_rows, first)])  # fmt: skip
+        assert all(c.done.wait(60) for c in first + later)
+    finally:
+        engine.close()
+    for (prompt, pol), c, n in [*zip(first_rows, first, [14, 14]), *zip(later_rows, later, [9, 9, 9])]:
+        want = greedy_answer_tokens(model, tokenizer, [prompt], n, edit=pol, stop_at_answer=False)[0]
+        assert c.tokens == want, (prompt, pol and pol.kind)
+    assert any(merges) == (arch == "llama")  # joined the running batch only where the cache allows it
+
+
+class Broken:
+    """A policy whose edit raises: its rows fail, the others' go on."""
+
+    def __init__(self, policy):
+        self.policy, self.layers, self.kind = policy, policy.layers, policy.kind
+
+    def move(self, layer, acts):
+        raise RuntimeError("this edit is broken\non purpose")
+
+
+def test_a_failing_edit_or_callback_fails_its_own_row_alone():
+    tokenizer, model = make_tokenizer(), model_that_ends()
+    slim = random_policy("slim", model)
+
+    class GoneClient(Collect):
+        def __call__(self, event):
+            super().__call__(event)
+            raise ConnectionError("client gone")
+
+    rows = [(PROMPTS[0], slim), (PROMPTS[0], Broken(slim)), (PROMPTS[2], None), (PROMPTS[1], slim)]
+    out = [Collect(), Collect(), Collect(), GoneClient()]
+    reqs = [Request(list(tokenizer(p)["input_ids"]), pol, Sampling(max_tokens=10, temperature=0), c)
+            for (p, pol), c in zip(rows, out)]  # fmt: skip
+    Engine(model, tokenizer).run(reqs)
+    for i in (0, 2):
+        want = greedy_answer_tokens(model, tokenizer, [rows[i][0]], 10, edit=rows[i][1], stop_at_answer=False)[0]
+        assert out[i].tokens == want
+    errors = [e.error for e in out[1].events if e.kind == "error"]
+    assert errors == ["the policy's edit failed: RuntimeError: this edit is broken on purpose"]
+    assert not any(e.kind == "delta" for e in out[1].events)
+    assert len(out[3].events) == 1 and reqs[3].cancelled.is_set()  # its first event raised: the row left
