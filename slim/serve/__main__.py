@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_tokens", type=int, default=1024, help="the largest max_tokens a request may ask")
     parser.add_argument("--max_prompt_tokens", type=int, default=4096)
     parser.add_argument("--max_n", type=int, default=8, help="the largest n (choices per prompt)")
+    parser.add_argument("--max_prompts", type=int, default=32, help="prompts per completions request at most")
     parser.add_argument("--max_body_bytes", type=int, default=1 << 20)
     return parser.parse_args(argv)
 
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
                     head_layout=args.head_layout, allow_offload=args.allow_offload)  # fmt: skip
     policies = load_policies(specs, lm.model)
     name = args.served_name or (Path(args.model_dir).name if args.model_dir else args.model_name)
-    limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens, args.max_n)
+    limits = Limits(args.max_body_bytes, args.max_prompt_tokens, args.max_tokens, args.max_n, args.max_prompts)
     context = getattr(lm.model.config, "max_position_embeddings", None)
     engine = Engine(lm.model, lm.tokenizer, max_batch=args.max_batch, wait_s=args.wait_ms / 1000).start()
     served = Served(name, engine, lm.tokenizer, policies, limits, os.environ.get("SLIM_API_KEY") or None, context)

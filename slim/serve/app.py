@@ -69,7 +69,10 @@ class Served:
             raise APIError(400, f"slim.strength: a {policy.kind} policy has no strength knob.", "slim.strength")
         key = (name, strength)
         if key not in self._variants:
-            self._variants[key] = at_knob(policy, **{knob: strength})
+            try:
+                self._variants[key] = at_knob(policy, **{knob: strength})
+            except ValueError as err:  # e.g. a negative kappa
+                raise APIError(400, f"slim.strength: {' '.join(str(err).split())}", "slim.strength") from None
             while len(self._variants) > 32:
                 self._variants.popitem(last=False)
         self._variants.move_to_end(key)
@@ -77,7 +80,11 @@ class Served:
 
 
 def _decode_one(tokenizer):
-    return lambda i: tokenizer.decode([i], skip_special_tokens=False)
+    """A token's text as it reads inside a sequence: decoded after an anchor token that is then cut off, since
+    SentencePiece tokenizers drop a token's leading space when it is decoded alone (the judges look for " yes")."""
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][-1:]
+    skip = len(tokenizer.decode(anchor, skip_special_tokens=False))
+    return lambda i: tokenizer.decode([*anchor, i], skip_special_tokens=False)[skip:]
 
 
 def _prompt_ids(served: Served, parsed: Parsed) -> list[list[int]]:

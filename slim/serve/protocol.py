@@ -34,7 +34,7 @@ class Limits:
     max_prompt_tokens: int = 4096
     max_tokens: int = 1024
     max_n: int = 8
-    max_prompts: int = 16
+    max_prompts: int = 32  # the OpenAI judge sends 20 at a time
 
 
 @dataclass
