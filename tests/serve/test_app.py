@@ -192,5 +192,5 @@ def test_a_token_s_text_keeps_its_leading_space_under_sentencepiece():
     assert tokenizer.decode([2]) == "yes"  # the loss the server must not inherit
     decode = _decode_one(tokenizer)
     assert [decode(i) for i in (2, 3, 4)] == [" yes", " no", "yes"]
-    bpe = make_bpe_tokenizer([PROMPT, " yes no"] * 20)  # byte-level: a token's text is the same alone and inside a sequence
+    bpe = make_bpe_tokenizer([PROMPT, " yes no"] * 20)  # byte-level: a token reads the same alone and within
     assert [_decode_one(bpe)(i) for i in range(3, len(bpe))] == [bpe.decode([i]) for i in range(3, len(bpe))]
