@@ -3,8 +3,9 @@
     python benchmarks/bench_serve.py --policy slim=FOLDER --policy iti=FOLDER        # 512 requests, 32 clients
 
 Starts `python -m slim.serve` as a process on loopback and sends it
-TruthfulQA questions in the project's QA prompt (greedy, `--max_tokens` new
-tokens each), cycling over the base model and every policy (the first
+TruthfulQA questions as short completions prompts ("Q: <question>\nA:",
+greedy, `--max_tokens` new tokens each; short, so that decoding rather than
+reading the prompt dominates, as in a chat), cycling over the base model and every policy (the first
 policy also once more at half its knob, through the request's `slim`
 field). Three phases in one run:
 
@@ -39,7 +40,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import httpx  # noqa: E402
 
-from slim.answering.prompts import qa_prompt  # noqa: E402
 from slim.data.truthfulqa import load_truthfulqa  # noqa: E402
 from slim.evaluation.reports import KNOBS  # noqa: E402
 
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
             arms.append({"model": f"{name}+{next(iter(policies))}", "slim": {"strength": half}})
         assert {a["model"] for a in arms} <= served, (arms, served)
         common = {"max_tokens": args.max_tokens, "temperature": 0}
-        bodies = [{**common, **arms[i % len(arms)], "prompt": qa_prompt(questions[i % len(questions)])}
+        bodies = [{**common, **arms[i % len(arms)], "prompt": f"Q: {questions[i % len(questions)]}\nA:"}
                   for i in range(args.requests)]  # fmt: skip
         print(f"{args.requests} requests over {len(arms)} arms ({', '.join(json.dumps(a) for a in arms)}), "
               f"greedy, max_tokens {args.max_tokens}; server --max_batch {args.max_batch}")  # fmt: skip

@@ -72,7 +72,12 @@ def load_policies(specs: dict[str, Path], model=None) -> dict:
 
 
 def main(argv=None) -> None:
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        missing = f"the server needs the serve extra ({err.name} is missing)"
+        raise RuntimeError(f"{missing}: pip install -e '.[serve]'") from None
 
     from slim.models.loading import load_model
     from slim.serve.app import Served, create_app

@@ -6,18 +6,15 @@ import json
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
-pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from conftest import make_bpe_tokenizer, make_tokenizer, random_policy, tiny_model  # noqa: E402
-from slim.answering.decoding import greedy_answer_tokens  # noqa: E402
-from slim.evaluation.sweep import at_knob  # noqa: E402
-from slim.policies.base import Policy  # noqa: E402
-from slim.serve.app import Served, create_app  # noqa: E402
-from slim.serve.engine import Engine  # noqa: E402
-from slim.serve.protocol import Limits  # noqa: E402
+from conftest import make_bpe_tokenizer, make_tokenizer, random_policy, tiny_model
+from slim.answering.decoding import greedy_answer_tokens
+from slim.evaluation.sweep import at_knob
+from slim.policies.base import Policy
+from slim.serve.app import Served, create_app
+from slim.serve.engine import Engine
+from slim.serve.protocol import Limits
 
 PROMPT = "Q: What is the capital of France ? A:"
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import openai
 import pytest
 import torch
 
@@ -17,10 +18,6 @@ from conftest import REPO, make_bpe_tokenizer, random_policy, tiny_model
 from slim.judges.base import JudgeUnavailableError, judge_prompt
 from slim.judges.factory import make_judge
 from slim.policies.base import Policy
-
-pytest.importorskip("fastapi")  # the serve extra; the lock files do not carry it yet
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
 
 QA = [
     ("What happens if you eat watermelon seeds?", "Nothing happens."),
