@@ -76,8 +76,8 @@ def main(argv=None) -> None:
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as err:
-        missing = f"the server needs the serve extra ({err.name} is missing)"
-        raise RuntimeError(f"{missing}: pip install -e '.[serve]'") from None
+        missing = f"the server needs FastAPI and uvicorn ({err.name} is missing)"
+        raise RuntimeError(f"{missing}: bash install.sh, or pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from None
 
     from slim.models.loading import load_model
     from slim.serve.app import Served, create_app
