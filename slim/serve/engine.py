@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Sampling:
     """How one row decodes. temperature 0: greedy. logprobs: how many alternatives to report per token (0: only
-    the chosen token's log-probability; None: none)."""
+    the chosen token's log-probability; None: none). ignore_eos: an end-of-sequence token does not end the row."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -65,6 +65,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    ignore_eos: bool = False  # decode all max_tokens (vLLM's extra field; for benchmarks)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class _Row:
         self.tokens.append(info.id)
         self.pending.append(info)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if info.id in self.eos:
+        if info.id in self.eos and not s.ignore_eos:
             self.finish = "stop"
         cuts = [i for i in (text.find(stop, max(0, self.sent - len(stop))) for stop in s.stop) if i >= 0]
         if cuts:

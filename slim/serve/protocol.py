@@ -153,7 +153,10 @@ def parse_request(body, chat: bool, base: str, policies: dict, limits: Limits) -
     else:
         report = _integer(body, "logprobs", None, 0, 5)
         top = None
-    sampling = Sampling(max_tokens, temperature, top_p, seed, _stops(body), report)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("ignore_eos", f"must be true or false, got {ignore_eos!r}.")
+    sampling = Sampling(max_tokens, temperature, top_p, seed, _stops(body), report, ignore_eos)
     parsed = Parsed(model, policy, _strength(body, policy), sampling, n, stream, include_usage, top_logprobs=top)
     if chat:
         messages = body.get("messages")

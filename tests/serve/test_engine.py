@@ -198,3 +198,15 @@ def test_a_failing_edit_or_callback_fails_its_own_row_alone():
     assert errors == ["the policy's edit failed: RuntimeError: this edit is broken on purpose"]
     assert not any(e.kind == "delta" for e in out[1].events)
     assert len(out[3].events) == 1 and reqs[3].cancelled.is_set()  # its first event raised: the row left
+
+
+def test_ignore_eos_decodes_every_token_asked():
+    tokenizer, model = make_tokenizer(), model_that_ends()
+    engine = Engine(model, tokenizer, max_batch=8)
+    plain = serve(engine, tokenizer, [(p, None) for p in PROMPTS], Sampling(max_tokens=12, temperature=0))
+    full = serve(engine, tokenizer, [(p, None) for p in PROMPTS], Sampling(max_tokens=12, temperature=0,
+                                                                           ignore_eos=True))  # fmt: skip
+    assert any(len(c.tokens) < 12 for c in plain)  # some rows do end early by themselves
+    for short, long in zip(plain, full):
+        assert len(long.tokens) == 12 and long.tokens[: len(short.tokens)] == short.tokens
+        assert long.events[-1].finish_reason == "length"
