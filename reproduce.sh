@@ -27,11 +27,15 @@
 # SmolLM2's 24 of 270 heads as a share of theirs: Gemma 3 270M 6); the K and the rule go into the index.
 #
 # Environment: MODEL, MODELS, FULL, NUM_FOLD, N_QUESTIONS, MAX_QUESTIONS, SWEEP_Q, KAPPAS, ALPHAS, STRENGTHS,
-# NUM_HEADS, FIGURE_BLS, OUT_DIR, PAPER_DIR (default paper), NQ_FILE, NQ_QUESTIONS, README. Extra arguments go to
-# every Python command.
+# NUM_HEADS, FIGURE_BLS, OUT_DIR, PAPER_DIR (default paper), NQ_FILE, NQ_QUESTIONS, README, ENGINE. Extra arguments
+# go to every Python command.
+# ENGINE=ray (scripts/engine.sh; docs/scaling.md): the runs of a stage that do not need each other run as Ray tasks
+# at once (the sweeps' values, the test runs of stages 1, 4 and 5), on this machine or a cluster (RAY_ADDRESS);
+# Table 4's timings run alone. The models of MODELS still run in turn. The files written are the same.
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/env.sh && slim_use_env  # the active environment, else .venv from install.sh (scripts/env.sh)
+. scripts/engine.sh  # ENGINE=sequential (default) or ray: unit, wait_units
 start=$(date +%s)
 PAPER_DIR=${PAPER_DIR:-paper}
 SETTINGS="FULL N_QUESTIONS MAX_QUESTIONS SWEEP_Q KAPPAS ALPHAS STRENGTHS NUM_HEADS FIGURE_BLS NQ_QUESTIONS"
@@ -82,13 +86,13 @@ sweep_env=(); [ -n "${SWEEP_Q:-}" ] && sweep_env=(MAX_QUESTIONS="$SWEEP_Q")
 common=(--num_fold "$NUM_FOLD" --out_dir "$OUT_DIR" "${subset[@]}")
 light=(--no_mc --no_ce_kl)
 mkdir -p "$PAPER_DIR"
-written=$(mktemp); rows_file=$(mktemp); trap 'rm -f "$written" "$rows_file"' EXIT
+outs=$(mktemp -d); rows_file=$(mktemp); trap 'rm -rf "$outs" "$rows_file"' EXIT  # a summary list per run
 
 for v in $SETTINGS; do [ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "; done
 cmd=$(printf '%q ' bash reproduce.sh "$@"); cmd="${settings}${cmd% }"
 judges="judges: ${JUDGES:-offline unless named}"
 stage() { echo; echo "=== reproduce.sh ($mode): $* ==="; }
-last() { head -n 1 "$written"; }
+last() { head -n 1 "$outs/$1"; }  # last <run>: the summary its run wrote
 report() {  # report <out.md> <title> <summary>... [--labels <label>...]
   local out=$1 title=$2; shift 2
   python -m slim.evaluation.reports "$@" --out "$out" --title "$title" --command "$cmd" > /dev/null
@@ -104,8 +108,10 @@ run_tag=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))[-1]["r
 
 stage "2/8 Linear-AcT: lambda on the validation questions, then the test questions"
 env "${sweep_env[@]}" METHOD=linear_act STRENGTHS="$STRENGTHS" bash sweep.sh "${subset[@]}" "$@"
-python linear_act.py "$MODEL" --strength best "${common[@]}" "${scored[@]}" --summary_out "$written" "$@"
-linear_act_row=$(last)
+unit "$MODEL test Linear-AcT" -- python linear_act.py "$MODEL" --strength best "${common[@]}" "${scored[@]}" \
+  --summary_out "$outs/linear_act" "$@"
+wait_units
+linear_act_row=$(last linear_act)
 
 stage "3/8 Table 1, Figure 2, Table 5"
 report "$PAPER_DIR/table1_${name}_${mode}.md" "Table 1: $MODEL, $NUM_FOLD folds, test questions ($mode; $judges)" \
@@ -121,34 +127,40 @@ echo "written $PAPER_DIR/table5_${name}_${mode}.md"
 stage "4/8 Table 2: the mixed arms"
 env "${sweep_env[@]}" METHOD=slim_on_iti_heads bash sweep.sh "${subset[@]}" "${light[@]}" "$@"
 env "${sweep_env[@]}" METHOD=iti_on_slim_layer bash sweep.sh "${subset[@]}" "${light[@]}" "$@"
-python mixed_arms.py "$MODEL" --arm slim_on_iti_heads --kappa best --num_heads "$NUM_HEADS" --use_center_of_mass \
-  "${common[@]}" "${scored[@]}" "${light[@]}" --summary_out "$written" "$@"
-slim_on_iti_row=$(last)
-python mixed_arms.py "$MODEL" --arm iti_on_slim_layer --alpha best --use_center_of_mass \
-  "${common[@]}" "${scored[@]}" "${light[@]}" --summary_out "$written" "$@"
-iti_on_slim_row=$(last)
+unit "$MODEL test SLIM on ITI's heads" -- python mixed_arms.py "$MODEL" --arm slim_on_iti_heads --kappa best \
+  --num_heads "$NUM_HEADS" --use_center_of_mass "${common[@]}" "${scored[@]}" "${light[@]}" \
+  --summary_out "$outs/slim_on_iti" "$@"
+unit "$MODEL test ITI on SLIM's layer" -- python mixed_arms.py "$MODEL" --arm iti_on_slim_layer --alpha best \
+  --use_center_of_mass "${common[@]}" "${scored[@]}" "${light[@]}" --summary_out "$outs/iti_on_slim" "$@"
+wait_units
+slim_on_iti_row=$(last slim_on_iti)
+iti_on_slim_row=$(last iti_on_slim)
 report "$PAPER_DIR/table2_${name}_${mode}.md" "Table 2: head selection vs intervention, $MODEL ($mode; $judges)" \
   "$base_row" "$iti_row" "$slim_row" "$slim_on_iti_row" "$iti_on_slim_row" --labels unintervened ITI SLIM \
   "ITI's heads + SLIM's maps" "SLIM's layer + ITI's shifts"
 
 stage "5/8 Table 3: the probes' loss"
-loss_rows=()
 for loss in cross_entropy l2; do
-  python ot_edit_layer.py "$MODEL" --bl 1.0 --alpha 0.1 --kappa best --loss_type "$loss" --use_mode test \
-    "${common[@]}" "${scored[@]}" "${light[@]}" --summary_out "$written" "$@"
-  loss_rows+=("$(last)")
+  unit "$MODEL test SLIM with the $loss loss" -- python ot_edit_layer.py "$MODEL" --bl 1.0 --alpha 0.1 --kappa best \
+    --loss_type "$loss" --use_mode test "${common[@]}" "${scored[@]}" "${light[@]}" --summary_out "$outs/$loss" "$@"
 done
+wait_units
+loss_rows=("$(last cross_entropy)" "$(last l2)")
 report "$PAPER_DIR/table3_${name}_${mode}.md" "Table 3: SLIM's probe loss, $MODEL ($mode; $judges)" \
   "$base_row" "$slim_row" "${loss_rows[@]}" --labels unintervened "FPR+FNR (paper)" "binary cross-entropy" "l2"
 
 stage "6/8 Table 4: running time"
-python timings.py "$MODEL" --kappa best "${common[@]}" --out "$PAPER_DIR/table4_${name}_${mode}.md" "$@"
+# a task alone in its wave under ENGINE=ray, so that nothing else runs beside what it times (on its node)
+unit "$MODEL Table 4" -- python timings.py "$MODEL" --kappa best "${common[@]}" \
+  --out "$PAPER_DIR/table4_${name}_${mode}.md" "$@"
+wait_units
 
 stage "7/8 transfer to NQ-open"
 nq=(); [ -n "${NQ_FILE:-}" ] && nq=(--nq_file "$NQ_FILE")
 [ -n "$NQ_QUESTIONS" ] && nq+=(--max_questions "$NQ_QUESTIONS")
-python transfer.py "$iti_row" "$slim_row" "$linear_act_row" "${nq[@]}" \
+unit "$MODEL transfer" -- python transfer.py "$iti_row" "$slim_row" "$linear_act_row" "${nq[@]}" \
   --out "$PAPER_DIR/transfer_${name}_${mode}.md" "$@"
+wait_units
 
 stage "8/8 the artefacts"
 readme=(); [ -n "${README:-}" ] && readme=(--readme "$README")

@@ -12,11 +12,13 @@
 # MAX_DEGENERACY (a setting above it is never chosen), NUM_FOLD, BL, GAMMA, NUM_HEADS (ITI's K; default per model,
 # slim.models.defaults), MAX_QUESTIONS.
 # One Python process scores the whole grid (the model and the judges loaded once); extra arguments go to it.
+# ENGINE=ray: one Ray task per value of the grid instead (scripts/engine.sh), then the same choice.
 # The choice is written to validation/<model>_best_<method>.json, which `ot_edit_layer.py --kappa best` and
 # `validate_2fold.py --alpha best` read.
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/env.sh && slim_use_env  # the active environment, else .venv from install.sh (scripts/env.sh)
+. scripts/engine.sh  # ENGINE=sequential (default) or ray: unit, wait_units
 MODEL=${MODEL:-smollm2_135M}
 METHOD=${METHOD:-slim}
 KAPPAS=${KAPPAS:-"0 10 20 40 80"}
@@ -32,7 +34,8 @@ quick=()
 [ -n "${MAX_QUESTIONS:-}" ] && quick=(--max_questions "$MAX_QUESTIONS")
 
 written=$(mktemp)  # the run writes the paths of its summaries here, one per grid value (--summary_out)
-trap 'rm -f "$written"' EXIT
+outs=$(mktemp -d)  # under ENGINE=ray: each task's own list
+trap 'rm -rf "$written" "$outs"' EXIT
 # ITI's K, where the method has one and NUM_HEADS does not say: chosen per model (slim.models.defaults)
 num_heads() { python -m slim.models.defaults num_heads "$MODEL" "$@"; }
 # one process per method for the whole grid: the model, the probes and the judges are loaded once
@@ -61,8 +64,17 @@ if [ ${#grid[@]} -eq 0 ]; then
   echo "error: the $param grid is empty: set ${param^^}S (e.g. ${param^^}S=\"0 10 40\")." >&2
   exit 2
 fi
-python "${run[@]}" "${grid[@]}" --num_fold "$NUM_FOLD" --use_mode val --out_dir "$OUT_DIR" --summary_out "$written" \
-  "${quick[@]}" "$@"
+if [ "${ENGINE:-sequential}" = ray ]; then  # one task per value of the grid, each writing its own summary list
+  for i in "${!grid[@]}"; do
+    unit "$MODEL sweep $METHOD $param=${grid[$i]}" -- python "${run[@]}" "${grid[$i]}" --num_fold "$NUM_FOLD" \
+      --use_mode val --out_dir "$OUT_DIR" --summary_out "$outs/$i" "${quick[@]}" "$@"
+  done
+  wait_units
+  for i in "${!grid[@]}"; do cat "$outs/$i"; done > "$written"
+else
+  python "${run[@]}" "${grid[@]}" --num_fold "$NUM_FOLD" --use_mode val --out_dir "$OUT_DIR" --summary_out "$written" \
+    "${quick[@]}" "$@"
+fi
 mapfile -t summaries < "$written"
 python -m slim.evaluation.sweep --criterion "$CRITERION" --max_degeneracy "$MAX_DEGENERACY" --param "$param" \
   --method "$METHOD" --out_dir "$OUT_DIR" "${summaries[@]}"

@@ -16,14 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+import ray  # the ray extra, which the dev extra includes
 
 from conftest import REPO
 from slim.engine import __main__ as engine_cli
 from slim.engine import runner
 from slim.engine.runner import EngineError, UnitFailed, run_wave
 from slim.engine.units import PlanError, Unit, read_plan, unit_env, write_plan
-
-ray = pytest.importorskip("ray", reason="the ray extra: pip install -e '.[ray]'")
 
 ENGINE_SH = REPO / "scripts" / "engine.sh"
 ODD = ["a b", 'q"uote\\', "new\nline", "tab\there", "ü"]  # arguments that must arrive as they were given

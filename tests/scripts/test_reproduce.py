@@ -34,6 +34,14 @@ def reproduced(tmp_path_factory):
     )
     readme = root / "README.md"
     readme.write_text(f"# A project\n\n## Results\n\n{BEGIN}\nold text\n{END}\n\n## After\n")
+    proc = run_reproduce(root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, proc.stdout, readme
+
+
+def run_reproduce(root, **env_extra) -> subprocess.CompletedProcess:
+    """reproduce.sh in quick mode on the tiny model, the NQ file and the README that `reproduced` put in `root`."""
+    model_dir = root / "tiny_llama"
     env = {
         **os.environ,
         "SLIM_TQA_DIR": str(TQA_DIR),
@@ -46,19 +54,17 @@ def reproduced(tmp_path_factory):
         "STRENGTHS": "0.5",
         "NUM_HEADS": "4",
         "FIGURE_BLS": "1.0 2.0",
-        "NQ_FILE": str(nq),
+        "NQ_FILE": str(root / "nq_open.jsonl"),
         "NQ_QUESTIONS": "3",
         "OUT_DIR": str(root / "validation"),
         "PAPER_DIR": str(root / "paper"),
-        "README": str(readme),
+        "README": str(root / "README.md"),
+        **env_extra,
     }
     flags = ["--model_dir", str(model_dir), "--device", "cpu", "--epochs", "5", "--max_new_tokens", "4"]
     flags += ["--judge_name", f"local:{model_dir}", "--info_name", f"local:{model_dir}"]
-    proc = subprocess.run(
-        ["bash", "reproduce.sh", *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root, proc.stdout, readme
+    return subprocess.run(["bash", "reproduce.sh", *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1500)  # fmt: skip
 
 
 def test_every_artefact_is_written_and_indexed(reproduced):
@@ -166,3 +172,34 @@ def test_a_model_whose_run_fails_stops_models_in_one_line(tmp_path):
     ]
     assert calls.read_text().splitlines() == ["MODEL=broken MODELS=unset README=unset reproduce.sh"]
     assert sorted(p.name for p in paper.iterdir()) == ["kept.md"]  # nothing written across models, nothing lost
+
+
+def outputs(folder):
+    """Every file under `folder` (lock files and the engine's logs aside), as bytes, by its path below `folder`."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith(".lock") and "logs" not in p.relative_to(folder).parts
+    }
+
+
+def test_engine_ray_writes_what_the_sequential_run_wrote(reproduced):
+    """ENGINE=ray (the sweeps' values and a stage's test runs as Ray tasks, on this machine) from nothing: the same
+    answers, scores, summaries, policies, tables and figures, byte for byte, as the sequential run of the fixture.
+    Runs last in this module: it moves that run's files aside."""
+    root = reproduced[0]
+    before = {}
+    for name in ("validation", "paper"):
+        before[name] = outputs(root / name)
+        shutil.move(root / name, root / f"{name}_sequential")
+    proc = run_reproduce(root, ENGINE="ray", ENGINE_WORKERS="2", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[1/1] llama_7B stage 1" in proc.stdout + proc.stderr  # the units ran as Ray tasks
+    # measured times (Table 4, the index's seconds) differ by nature; another model's index was added by a test above
+    timed = ("table4_", "index_")
+    for name in ("validation", "paper"):
+        after = outputs(root / name)
+        want = {k: v for k, v in before[name].items() if not k.startswith(timed)}
+        got = {k: v for k, v in after.items() if not k.startswith(timed)}
+        assert sorted(got) == sorted(want), name
+        assert [k for k in want if got[k] != want[k]] == [], name
