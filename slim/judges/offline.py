@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..io import DamagedArtefact, reading, warn_rebuild, write_checked
+from ..io import DamagedArtefact, artefact_lock, reading, warn_rebuild, write_checked
 from .base import HASH_CHARS, Judge, _check_kind, default_cache_dir
 from .features import FEATURE_NAMES, FEATURE_VERSION, EmbeddingStore, JudgeFeatures
 from .labels import judge_labels_path, load_judge_data, load_judge_labels, load_references
@@ -249,15 +249,16 @@ class OfflineJudge(Judge):
         if self.fitted:
             return self
         path = self.model_path()
-        if path.exists():
-            try:
-                return self.load(path)
-            except DamagedArtefact as err:
-                warn_rebuild(err, f"training the offline {self.kind} judge again.")
-        # A one-off of a few minutes on a CPU (mostly embedding ~22k texts), so say so as slim.models does.
-        log.info("training the offline %s judge once into %s ...", self.kind, path)
-        self.fit(*self.all_training_data())
-        self.save(path)
+        with artefact_lock(path):  # concurrent runs (ENGINE=ray) train it once: the others wait, then load it
+            if path.exists():
+                try:
+                    return self.load(path)
+                except DamagedArtefact as err:
+                    warn_rebuild(err, f"training the offline {self.kind} judge again.")
+            # A one-off of a few minutes on a CPU (mostly embedding ~22k texts), so say so as slim.models does.
+            log.info("training the offline %s judge once into %s ...", self.kind, path)
+            self.fit(*self.all_training_data())
+            self.save(path)
         return self
 
     def _tensors(self) -> dict:

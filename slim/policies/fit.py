@@ -7,6 +7,7 @@ are cached on disk and reused when fitted again with the same settings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 
 from ..config import ITI_SOLVERS, ITIConfig, SlimConfig, check_int
 from ..data.activations import ProbeData
-from ..io import DamagedArtefact, kill_point, warn_rebuild
+from ..io import DamagedArtefact, artefact_lock, kill_point, warn_rebuild
 from ..stage1.fit import FoldProbes
 from .base import Policy
 from .gaussian_ot import ot_map, regularize_covariance, sqrtm_psd
@@ -57,19 +58,21 @@ def fit_slim(
     and saved there.
     """
     A = None
-    if maps_path is not None and Path(maps_path).exists():
-        try:
-            A, b, infos, meta = load_layer_maps(maps_path)
-        except DamagedArtefact as err:
-            warn_rebuild(err, "fitting the maps again.")
-        else:
-            if meta != (maps_key or {}):
-                A = None
-    if A is None:
-        A, b, infos = fit_layer_maps(acts_layer, weight, bias, cfg.gamma, cov=cfg.cov, min_samples=cfg.min_samples)
-        if maps_path is not None:
-            save_layer_maps(maps_path, A, b, infos, maps_key or {})
-            kill_point("maps")
+    # concurrent runs (ENGINE=ray: one per kappa) fit the maps once; the others wait, then read them back
+    with artefact_lock(maps_path) if maps_path is not None else contextlib.nullcontext():
+        if maps_path is not None and Path(maps_path).exists():
+            try:
+                A, b, infos, meta = load_layer_maps(maps_path)
+            except DamagedArtefact as err:
+                warn_rebuild(err, "fitting the maps again.")
+            else:
+                if meta != (maps_key or {}):
+                    A = None
+        if A is None:
+            A, b, infos = fit_layer_maps(acts_layer, weight, bias, cfg.gamma, cov=cfg.cov, min_samples=cfg.min_samples)
+            if maps_path is not None:
+                save_layer_maps(maps_path, A, b, infos, maps_key or {})
+                kill_point("maps")
     meta = {"gamma": cfg.gamma, "maps": infos}
     if maps_path is not None:
         meta["maps_file"] = str(maps_path)
@@ -281,38 +284,40 @@ def iti_for_fold(
     saved meta records where sigma came from; a folder that says otherwise is
     fitted again.
     """
-    fitted = None
-    if (Path(folder) / "policy.json").exists():
-        try:
-            fitted = Policy.load(folder)
-        except DamagedArtefact as err:
-            warn_rebuild(err, "fitting ITI's heads again.")
-        else:
-            # written before the record: the folder's name (layout.iti_policy) says the same
-            if fitted.meta.get("tuning_dataset", cfg.tuning_dataset) != cfg.tuning_dataset:
-                fitted = None
-            elif fitted.meta.get("solver", "sklearn") != (solver or "sklearn"):  # heads fitted by the other solver
-                fitted = None
-    if fitted is None:
-        tuning_acts = iti_tuning_activations(split, cfg, tuning)
-        train_rows, val_rows = data.rows_of(split["train"]), data.rows_of(split["val"])
-        fitted = fit_iti(
-            data.activations,
-            data.texts["truthful"].to_numpy(),
-            train_rows,
-            val_rows,
-            cfg.num_heads,
-            1.0,
-            direction=cfg.direction,
-            tuning_acts=tuning_acts,
-            fingerprint=fingerprint,
-            device=device,
-            solver=solver,
-        )
-        n_tuning = len(tuning_acts) if tuning_acts is not None else len(train_rows) + len(val_rows)
-        fitted.meta.update(tuning_dataset=cfg.tuning_dataset, tuning_rows=int(n_tuning))
-        fitted.save(folder)
-        log.info("ITI heads (layer, head) %s ... saved to %s", fitted.heads[:8].tolist(), folder)
+    # concurrent runs (ENGINE=ray: one per alpha) fit the heads once; the others wait, then read them back
+    with artefact_lock(folder):
+        fitted = None
+        if (Path(folder) / "policy.json").exists():
+            try:
+                fitted = Policy.load(folder)
+            except DamagedArtefact as err:
+                warn_rebuild(err, "fitting ITI's heads again.")
+            else:
+                # written before the record: the folder's name (layout.iti_policy) says the same
+                if fitted.meta.get("tuning_dataset", cfg.tuning_dataset) != cfg.tuning_dataset:
+                    fitted = None
+                elif fitted.meta.get("solver", "sklearn") != (solver or "sklearn"):  # heads fitted by the other solver
+                    fitted = None
+        if fitted is None:
+            tuning_acts = iti_tuning_activations(split, cfg, tuning)
+            train_rows, val_rows = data.rows_of(split["train"]), data.rows_of(split["val"])
+            fitted = fit_iti(
+                data.activations,
+                data.texts["truthful"].to_numpy(),
+                train_rows,
+                val_rows,
+                cfg.num_heads,
+                1.0,
+                direction=cfg.direction,
+                tuning_acts=tuning_acts,
+                fingerprint=fingerprint,
+                device=device,
+                solver=solver,
+            )
+            n_tuning = len(tuning_acts) if tuning_acts is not None else len(train_rows) + len(val_rows)
+            fitted.meta.update(tuning_dataset=cfg.tuning_dataset, tuning_rows=int(n_tuning))
+            fitted.save(folder)
+            log.info("ITI heads (layer, head) %s ... saved to %s", fitted.heads[:8].tolist(), folder)
     return ITIPolicy(
         fitted.heads,
         fitted.directions,

@@ -5,6 +5,7 @@ dataset); `tuning_dataset` also offers those texts of the fold's train+val quest
 train+val rows ("same"). Activations come from a tiny random Llama, through the same cache as a run's.
 """
 
+import os
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -146,3 +147,47 @@ def test_maps_are_refitted_when_their_data_changes(tmp_path, monkeypatch):
     probes.weight[1] += 1.0  # retrained probes, same file name
     fit.slim_for_fold(acts, probes, 1, cfg, maps)
     assert len(fits) == 3
+
+
+CONCURRENT_FIT = """
+import sys, time
+import numpy as np
+import slim.policies.fit as fit
+from slim.config import SlimConfig
+from slim.stage1.fit import FoldProbes
+
+folder = sys.argv[1]
+real = fit.fit_layer_maps
+def counted(*a, **k):  # notes the fit and takes a while, so the other process asks meanwhile
+    with open(folder + "/fits.txt", "a") as f:
+        f.write("fit\\n")
+    time.sleep(1.0)
+    return real(*a, **k)
+fit.fit_layer_maps = counted
+rng = np.random.default_rng(0)
+probes = FoldProbes(rng.standard_normal((2, 3, 4)), np.zeros((2, 3)), np.ones(2, int), [], folder + "/p")
+acts = rng.standard_normal((60, 3, 4)).astype(np.float32)
+policy = fit.slim_for_fold(acts, probes, 1, SlimConfig(gamma=0.1, kappa=1.0), folder + "/maps.safetensors")
+np.save(folder + "/A_" + sys.argv[2] + ".npy", policy.A.numpy())
+"""
+
+
+def test_concurrent_runs_fit_the_maps_once(tmp_path):
+    """Two processes wanting the same maps at once (ENGINE=ray's tasks, one per kappa): one fits them under the
+    maps' lock, the other waits and reads them back."""
+    import subprocess
+    import sys
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_FIT, str(tmp_path), str(i)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert (tmp_path / "fits.txt").read_text() == "fit\n"
+    assert np.array_equal(np.load(tmp_path / "A_0.npy"), np.load(tmp_path / "A_1.npy"))
