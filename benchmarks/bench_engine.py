@@ -63,17 +63,25 @@ def sweep(out: Path, args, engine: str) -> float:
     return seconds
 
 
-def written(out: Path) -> dict[str, bytes]:
-    """The sweep's products (answers, summaries, policies, the choice), lock files aside, with the output folder's
-    own path (which summaries record) written as OUT_DIR."""
+def written(out: Path) -> dict:
+    """The sweep's products (answers, summaries, policies, the choice), lock files and checksum sidecars aside:
+    bytes with the output folder's own path (which summaries record) written as OUT_DIR; safetensors as their
+    tensors and metadata (the header's key order differs from process to process)."""
+    from safetensors import safe_open
+
     paths = [p for sub in ("answers", "summary", "policies") for p in sorted((out / sub).rglob("*"))]
     paths += sorted(out.glob("*_best_slim.json"))
-    own = str(out).encode()
-    return {
-        str(p.relative_to(out)): p.read_bytes().replace(own, b"OUT_DIR")
-        for p in paths
-        if p.is_file() and not p.name.endswith(".lock")
-    }
+    own, files = str(out).encode(), {}
+    for p in paths:
+        if not p.is_file() or p.name.endswith((".lock", ".sha256.json")):
+            continue
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), "np") as f:
+                files[str(p.relative_to(out))] = ([(k, f.get_tensor(k).tobytes()) for k in sorted(f.keys())],
+                                                  f.metadata())  # fmt: skip
+        else:
+            files[str(p.relative_to(out))] = p.read_bytes().replace(own, b"OUT_DIR")
+    return files
 
 
 def main(argv=None) -> None:

@@ -175,18 +175,39 @@ def test_a_model_whose_run_fails_stops_models_in_one_line(tmp_path):
 
 
 def outputs(folder):
-    """Every file under `folder` (lock files and the engine's logs aside), as bytes, by its path below `folder`."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and not p.name.endswith(".lock") and "logs" not in p.relative_to(folder).parts
-    }
+    """Every file under `folder` as what a rerun must reproduce, by its path below `folder`: bytes, except where
+    a run differs from the last by nature. safetensors: the tensors and the metadata (the header's key order
+    differs from process to process) and no checksum sidecar; JSON: without times (`seconds`, `mtime_ns`, `date`);
+    Markdown: without its `Date:` line. Lock files and the engine's logs aside."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        key = str(p.relative_to(folder))
+        if not p.is_file() or p.name.endswith((".lock", ".sha256.json")) or "logs" in p.relative_to(folder).parts:
+            continue
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), "np") as f:
+                meta = f.metadata()
+            out[key] = (sorted((k, v.tobytes()) for k, v in load_file(str(p)).items()), meta)
+        elif p.suffix == ".json":
+            data = json.loads(p.read_text())
+            if isinstance(data, dict):
+                data = {k: v for k, v in data.items() if k not in ("seconds", "mtime_ns", "date")}
+            out[key] = data
+        elif p.suffix == ".md":
+            out[key] = [line for line in p.read_text().splitlines() if not line.startswith("Date: ")]
+        else:
+            out[key] = p.read_bytes()
+    return out
 
 
 def test_engine_ray_writes_what_the_sequential_run_wrote(reproduced):
     """ENGINE=ray (the sweeps' values and a stage's test runs as Ray tasks, on this machine) from nothing: the same
-    answers, scores, summaries, policies, tables and figures, byte for byte, as the sequential run of the fixture.
-    Runs last in this module: it moves that run's files aside."""
+    answers, scores, summaries, policies, maps, tables and figures as the sequential run of the fixture, byte for
+    byte but for what differs from run to run by nature (`outputs`). Runs last in this module: it moves that run's
+    files aside."""
     root = reproduced[0]
     before = {}
     for name in ("validation", "paper"):
@@ -195,8 +216,8 @@ def test_engine_ray_writes_what_the_sequential_run_wrote(reproduced):
     proc = run_reproduce(root, ENGINE="ray", ENGINE_WORKERS="2", OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[1/1] llama_7B stage 1" in proc.stdout + proc.stderr  # the units ran as Ray tasks
-    # measured times (Table 4, the index's seconds) differ by nature; another model's index was added by a test above
-    timed = ("table4_", "index_")
+    # measured times (Table 4, the index's wall time) differ by nature; tests above added a Table 1 across models
+    timed = ("table4_", "index_", "table1_models_")
     for name in ("validation", "paper"):
         after = outputs(root / name)
         want = {k: v for k, v in before[name].items() if not k.startswith(timed)}
