@@ -77,8 +77,8 @@ def written(out: Path) -> dict:
             continue
         if p.suffix == ".safetensors":
             with safe_open(str(p), "np") as f:
-                files[str(p.relative_to(out))] = ([(k, f.get_tensor(k).tobytes()) for k in sorted(f.keys())],
-                                                  f.metadata())  # fmt: skip
+                meta = {k: v.replace(str(out), "OUT_DIR") for k, v in (f.metadata() or {}).items()}
+                files[str(p.relative_to(out))] = ([(k, f.get_tensor(k).tobytes()) for k in sorted(f.keys())], meta)
         else:
             files[str(p.relative_to(out))] = p.read_bytes().replace(own, b"OUT_DIR")
     return files
