@@ -34,6 +34,13 @@ def parse_args(argv=None):
     p.add_argument("--kappas", default="0 10 20 40 80")
     p.add_argument("--n_questions", type=int, default=300)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for both runs (default: the sequential run takes every core, Ray gives each "
+        "task its share, so the two may differ in the last bits of floating-point sums)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the two output folders")
     return p.parse_args(argv)
 
@@ -54,6 +61,8 @@ def sweep(out: Path, args, engine: str) -> float:
     env = {**os.environ, "MODEL": args.model, "KAPPAS": args.kappas, "OUT_DIR": str(out), "ENGINE": engine}
     if engine == "ray":
         env["ENGINE_WORKERS"] = str(args.workers)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     t0 = time.perf_counter()
     proc = subprocess.run(["bash", "sweep.sh", "--n_questions", str(args.n_questions)], cwd=REPO, env=env,
                           capture_output=True, text=True)  # fmt: skip
@@ -100,8 +109,10 @@ def main(argv=None) -> None:
         print(f"ray ({args.workers} workers, a task per kappa): {ray_s:.0f} s")
         print(f"sequential / ray: {seq_s / ray_s:.2f}x")
         a, b = written(seq_out), written(ray_out)
-        same = sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
-        print(f"same answers, summaries, policies and choice: {'yes' if same else 'NO'} ({len(a)} files)")
+        differ = sorted(set(a) ^ set(b)) + [k for k in a if k in b and a[k] != b[k]]
+        threads = f"OMP_NUM_THREADS {args.threads} in both" if args.threads else "threads: all cores vs a share each"
+        print(f"same answers, summaries, policies and choice: {'yes' if not differ else 'NO'} ({len(a)} files; "
+              f"{threads})" + "".join(f"\n  differs: {k}" for k in differ[:8]))  # fmt: skip
     finally:
         if args.keep:
             print(f"kept {parent}")
