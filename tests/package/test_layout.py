@@ -132,3 +132,10 @@ def test_every_policy_kind_is_registered():
     from slim.policies import POLICY_KINDS
 
     assert set(POLICY_KINDS) == {"slim", "iti", "mimic", "linear_act", "slim_on_iti_heads", "iti_on_slim_layer"}
+
+
+def test_test_files_have_unique_names():
+    """tests/ has no __init__.py files, so pytest imports each test file by its bare name: two files of one name
+    in different folders stop the collection."""
+    names = sorted(p.name for p in (REPO / "tests").rglob("test_*.py"))
+    assert [n for i, n in enumerate(names) if n in names[:i]] == []
