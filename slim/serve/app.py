@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..evaluation.reports import KNOBS
 from ..evaluation.sweep import at_knob
-from .engine import Engine, Event
+from .engine import Engine, Event, one_line
 from .engine import Request as Row
 from .protocol import (
     APIError,
@@ -262,7 +262,7 @@ def create_app(served: Served) -> FastAPI:
     @app.exception_handler(Exception)
     async def server_error(request: Request, err: Exception):
         log.warning("request failed: %s: %s", type(err).__name__, err)
-        message = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        message = one_line(err)
         return JSONResponse(error_body(APIError(500, message, kind="server_error")), status_code=500)
 
     @app.get("/health")

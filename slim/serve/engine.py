@@ -141,13 +141,13 @@ class _Row:
         try:
             self.req.emit(event)
         except Exception as err:  # noqa: BLE001 - the client's side, reported in the log only
-            log.warning("a row's callback failed, the row leaves its batch: %s", _one_line(err))
+            log.warning("a row's callback failed, the row leaves its batch: %s", one_line(err))
             self.req.cancelled.set()
 
     def fail(self, err: BaseException | str) -> None:
         """End the row with an error event (one line), once."""
         if self.finish is None:
-            self.finish, self.error = "error", err if isinstance(err, str) else _one_line(err)
+            self.finish, self.error = "error", err if isinstance(err, str) else one_line(err)
             self.emit(Event("error", error=self.error))
 
     @property
@@ -155,7 +155,7 @@ class _Row:
         return self.finish is not None or self.req.cancelled.is_set()
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
@@ -331,7 +331,7 @@ class Engine:
                     acts[idx, -1] = policy.move(layer, acts[idx, -1])  # (rows of this policy, H, d)
                 except Exception as err:  # noqa: BLE001 - this policy's rows fail, the batch goes on
                     for row in rows:
-                        row.error = _one_line(err)
+                        row.error = one_line(err)
 
     def _forward(self, batch: _Batch, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One forward pass of `ids` (rows, seq) with the batch's mask and cache; the last logits (rows, vocab)."""
@@ -389,7 +389,7 @@ class Engine:
             self._retrace(rows)
             logits = self._forward(batch, ids, positions)
         except Exception as err:  # noqa: BLE001 - these rows fail, a batch they were to join goes on
-            log.warning("prefilling %d rows failed: %s", len(rows), _one_line(err))
+            log.warning("prefilling %d rows failed: %s", len(rows), one_line(err))
             for row in rows:
                 row.fail(err)
             self.counts["failed"] += len(rows)
@@ -404,7 +404,7 @@ class Engine:
         try:
             logits = self._forward(batch, batch.next_ids[:, None], batch.positions)
         except Exception as err:  # noqa: BLE001 - the batch's rows fail, the engine goes on
-            log.warning("a batch of %d rows failed: %s", len(batch.rows), _one_line(err))
+            log.warning("a batch of %d rows failed: %s", len(batch.rows), one_line(err))
             for row in batch.rows:
                 row.fail(err)
             self.counts["failed"] += len(batch.rows)
