@@ -86,12 +86,24 @@ sweep_env=(); [ -n "${SWEEP_Q:-}" ] && sweep_env=(MAX_QUESTIONS="$SWEEP_Q")
 common=(--num_fold "$NUM_FOLD" --out_dir "$OUT_DIR" "${subset[@]}")
 light=(--no_mc --no_ce_kl)
 mkdir -p "$PAPER_DIR"
-outs=$(mktemp -d); rows_file=$(mktemp); trap 'rm -rf "$outs" "$rows_file"' EXIT  # a summary list per run
-
 for v in $SETTINGS; do [ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "; done
 cmd=$(printf '%q ' bash reproduce.sh "$@"); cmd="${settings}${cmd% }"
 judges="judges: ${JUDGES:-offline unless named}"
-stage() { echo; echo "=== reproduce.sh ($mode): $* ==="; }
+# each stage's seconds, a line per invocation (slim.paper.stage_times): a resumed run's cost is their sum
+ledger="$OUT_DIR/stage_seconds_${name}.tsv"; invocation=$(date +%s); stage_now=""; stage_t0=0
+close_stage() {  # close_stage complete|interrupted: the running stage's line into the ledger
+  [ -n "$stage_now" ] || return 0
+  mkdir -p "$OUT_DIR"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$invocation" "$(date -u +%FT%TZ)" "${stage_now%% *}" "${stage_now#* }" \
+    "$(( $(date +%s) - stage_t0 ))" "$1" "$cmd" >> "$ledger"
+  stage_now=""
+}
+stage() { close_stage complete; stage_now=$*; stage_t0=$(date +%s); echo; echo "=== reproduce.sh ($mode): $* ==="; }
+outs=$(mktemp -d); rows_file=$(mktemp)  # a summary list per run
+finish() { local rc=$?; if [ "$rc" = 0 ]; then close_stage complete; else close_stage interrupted; fi
+  rm -rf "$outs" "$rows_file"; }
+trap finish EXIT
+trap 'exit 130' INT TERM  # a stopped run still writes its stage's line (finish)
 last() { head -n 1 "$outs/$1"; }  # last <run>: the summary its run wrote
 report() {  # report <out.md> <title> <summary>... [--labels <label>...]
   local out=$1 title=$2; shift 2
@@ -166,4 +178,4 @@ stage "8/8 the artefacts"
 readme=(); [ -n "${README:-}" ] && readme=(--readme "$README")
 python -m slim.paper --paper_dir "$PAPER_DIR" --model "$name" --mode "$mode" --run_tag "$run_tag" --command "$cmd" \
   --seconds "$(( $(date +%s) - start ))" --summaries "${rows[@]}" "$linear_act_row" \
-  --num_heads "$NUM_HEADS" --num_heads_rule "$heads_rule" "${readme[@]}"
+  --num_heads "$NUM_HEADS" --num_heads_rule "$heads_rule" --stage_ledger "$ledger" "${readme[@]}"

@@ -82,6 +82,13 @@ def test_every_artefact_is_written_and_indexed(reproduced):
     for a in index["artefacts"]:
         assert os.path.getsize(a["path"]) > 0
     assert "index:" in stdout and "missing" not in stdout.split("=== reproduce.sh (quick): 8/8")[-1]
+    # each stage's seconds, from the ledger of this command's one invocation (stage 8 closes after the index)
+    assert list(index["stage_seconds"]) == [f"{i}/8" for i in range(1, 8)]
+    assert all(s["invocations"] == 1 and s["complete"] for s in index["stage_seconds"].values())
+    ledger = (root / "validation" / "stage_seconds_llama_7B.tsv").read_text().splitlines()
+    assert [line.split("\t")[2] for line in ledger] == [f"{i}/8" for i in range(1, 9)]
+    assert {line.split("\t")[5] for line in ledger} == {"complete"}
+    assert all(line.split("\t")[6] == index["command"] for line in ledger)
 
 
 def test_tables_carry_intervals_and_every_row(reproduced):
@@ -127,6 +134,7 @@ def _noting_bash(root, fail_on=None):
     shim.mkdir()
     note = f'echo "MODEL=$MODEL MODELS=${{MODELS-unset}} README=${{README-unset}} $*" >> "{calls}"\n'
     fail = f'[ "$MODEL" = "{fail_on}" ] && exit 3\n' if fail_on else ""
+    fail += '[ "$MODEL" = "slow" ] && exec sleep 60\n'
     (shim / "bash").write_text(f"#!/bin/sh\n{note}{fail}exit 0\n")
     (shim / "bash").chmod(0o755)
     return {"PATH": f"{shim}{os.pathsep}{os.environ['PATH']}"}, calls
@@ -176,6 +184,36 @@ def test_a_model_whose_run_fails_stops_models_in_one_line(tmp_path):
     assert sorted(p.name for p in paper.iterdir()) == ["kept.md"]  # nothing written across models, nothing lost
 
 
+def _ledger_after(tmp_path, model, stop=None):
+    """reproduce.sh for one model whose stage 1 (run_pipeline.sh, through the noting bash) fails or sleeps until
+    `stop` stops it; the lines of its stage-time ledger."""
+    import time
+
+    path, _ = _noting_bash(tmp_path)
+    out = tmp_path / "validation"
+    env = {**os.environ, **path, "MODEL": model, "NUM_HEADS": "4", "OUT_DIR": str(out), "PAPER_DIR": str(tmp_path)}
+    proc = subprocess.Popen([shutil.which("bash"), "reproduce.sh"], cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    if stop is not None:
+        time.sleep(3)
+        os.killpg(proc.pid, stop)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    return [line.split("\t") for line in (out / f"stage_seconds_{model}.tsv").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stop", [None, "SIGTERM", "SIGINT"])
+def test_a_run_that_stops_mid_stage_still_times_that_stage(tmp_path, stop):
+    import signal
+
+    model = "broken" if stop is None else "slow"
+    lines = _ledger_after(tmp_path, model, None if stop is None else getattr(signal, stop))
+    assert [(f[2], f[5]) for f in lines] == [("1/8", "interrupted")]
+    assert lines[0][3].startswith("the pipeline") and lines[0][6].startswith(f'MODEL="{model}" ')
+    if stop is not None:
+        assert int(lines[0][4]) >= 2  # the seconds it ran before it was stopped
+
+
 def outputs(folder):
     """Every file under `folder` as what a rerun must reproduce, by its path below `folder`: bytes, except where
     a run differs from the last by nature. safetensors: the tensors and the metadata (the header's key order
@@ -219,7 +257,7 @@ def test_engine_ray_writes_what_the_sequential_run_wrote(reproduced):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[1/1] llama_7B stage 1" in proc.stdout + proc.stderr  # the units ran as Ray tasks
     # measured times (Table 4, the index's wall time) differ by nature; tests above added a Table 1 across models
-    timed = ("table4_", "index_", "table1_models_")
+    timed = ("table4_", "index_", "table1_models_", "stage_seconds_")
     for name in ("validation", "paper"):
         after = outputs(root / name)
         want = {k: v for k, v in before[name].items() if not k.startswith(timed)}
