@@ -34,9 +34,17 @@ def _stamp(path, **fields):
     path.write_text(json.dumps(rows))
 
 
-def write_model_run(root, model, seed, judge, k, extra=None):
+def write_model_run(root, model, seed, judge, k, extra=None, stage_seconds=None):
     """One model's run as reproduce.sh leaves it: Table 1's five summaries (scored answers beside them), its Table 1
-    file and its index naming the summaries and ITI's K. Returns the summaries and the verdicts."""
+    file and its index naming the summaries, ITI's K and, given `stage_seconds` ({"1/8": seconds, ...}), its stage
+    ledger's times. Returns the summaries and the verdicts."""
+    command = f"MODEL={model} bash reproduce.sh"
+    ledger = None
+    if stage_seconds:
+        ledger = root / "validation" / f"stage_seconds_{model}.tsv"
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        rows = [f"1\t2026-12-03T10:00:00Z\t{k}\tstage {k}\t{v}\tcomplete\t{command}" for k, v in stage_seconds.items()]
+        ledger.write_text("\n".join(rows) + "\n")
     verdicts = _verdicts(np.random.default_rng(seed))
     paper = root / "paper"
     summaries = []
@@ -55,11 +63,12 @@ def write_model_run(root, model, seed, judge, k, extra=None):
         model,
         "quick",
         f"{model}_first40",
-        f"MODEL={model} bash reproduce.sh",
+        command,
         65.0,
         summaries,
         k,
         "smollm2_share",
+        ledger,
     )
     return summaries, verdicts
 

@@ -74,8 +74,8 @@ def test_results_section_links_every_artefact_and_inlines_table1(tmp_path):
 
 
 def test_the_index_and_the_readme_cover_every_model_run(tmp_path):
-    summaries, _ = write_model_run(tmp_path, "model_a", 0, "judge_a", 24)
-    write_model_run(tmp_path, "model_b", 1, "judge_b", 6)
+    summaries, _ = write_model_run(tmp_path, "model_a", 0, "judge_a", 24, stage_seconds={"1/8": 100, "2/8": 20})
+    write_model_run(tmp_path, "model_b", 1, "judge_b", 6, stage_seconds={"1/8": 300, "2/8": 40})
     paper = tmp_path / "paper"
     # each model's own index names Table 1's summaries and ITI's K with its rule
     own = json.loads((paper / "index_model_a_quick.json").read_text())
@@ -92,7 +92,14 @@ def test_the_index_and_the_readme_cover_every_model_run(tmp_path):
     assert record["runs"][1]["judges"] == "Judges: truth `judge_b@truth`, info `judge_b@info`."
     index = out.read_text()
     assert "[table1_models_quick.md](table1_models_quick.md)" in index and "in 2 min 10 s" in index
-    assert "| model_b | 1 min 05 s | " in index and "| 6 (smollm2_share) | truth `judge_b@truth`" in index
+    # each model's wall time is its stages' seconds summed over its invocations; each stage's cost against model_a
+    assert "| model_b | 5 min 40 s over 1 invocation(s) | " in index
+    assert "| 6 (smollm2_share) | truth `judge_b@truth`" in index
+    assert (
+        "| 1/8 stage 1/8 | 100 | 300 | 3.00x (over 2.5x) |" in index
+        and "| all | 120 | 340 | 2.83x (over 2.5x) |" in index
+    )
+    assert record["runs"][0]["stage_seconds"]["2/8"]["seconds"] == 20
     assert (
         "[index_model_b_quick.md](index_model_b_quick.md) | [table1_model_b_quick.md](table1_model_b_quick.md) |"
         in index
@@ -113,6 +120,10 @@ def test_the_index_and_the_readme_cover_every_model_run(tmp_path):
         section.count("| slim | kappa = 40 | pooled | 160 |") == 2 and "| slim | kappa = 40 | 0 | 80 |" not in section
     )
     assert "[Table 2](paper/table2_model_b_quick.md)" in section and "not written: Table 2, Table 3" in section
+    assert (
+        "**model_a**: `MODEL=model_a bash reproduce.sh`, " in section and "2 min 00 s over 1 invocation(s)" in section
+    )
+    assert "**Cost per stage.**" in section and "| 2/8 stage 2/8 | 20 | 40 | 2.00x |" in section
 
     # the command: --readme_only rewrites the section from the indexes; a run without them is one line
     readme.write_text(f"# P\n\n{BEGIN}\nold\n{END}\n")
