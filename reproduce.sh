@@ -18,7 +18,9 @@
 #   6. Table 4: running times (timings.py) on this machine's device
 #   7. Transfer to NQ-open (transfer.py): NQ_FILE, else SLIM_NQ_FILE, the cache, then
 #      online through `datasets`; otherwise a note
-#   8. The list of artefacts (paper/index.md); with README=README.md also the README's results section
+#   8. Table 1's judges against labels of the model's own answers where data/judge-labels/<model>_labels.csv
+#      exists (slim.judges.check), the list of artefacts (paper/index_<model>_<mode>.md); with README=README.md
+#      also the README's results section
 # Tables 2 and 3 skip MC1/MC2 and CE/KL (the paper reports True*Info and True there).
 # MODELS: `MODEL=<m> bash reproduce.sh` for each model in turn (the same files per model; a model whose run fails
 # stops the command), then Table 1 across the models (paper/table1_models_<mode>.md), their index
@@ -175,6 +177,12 @@ unit "$MODEL transfer" -- python transfer.py "$iti_row" "$slim_row" "$linear_act
 wait_units
 
 stage "8/8 the artefacts"
+# Table 1's judges against labels of this model's own answers, where the project has them
+labels="data/judge-labels/${name}_labels.csv"
+if [ -f "$labels" ]; then
+  python -m slim.judges.check "${rows[@]}" "$linear_act_row" --labels "$labels" \
+    --out "$PAPER_DIR/judge_check_${name}_${mode}.md" --title "Table 1's judges against $labels ($MODEL, $mode)"
+fi
 readme=(); [ -n "${README:-}" ] && readme=(--readme "$README")
 python -m slim.paper --paper_dir "$PAPER_DIR" --model "$name" --mode "$mode" --run_tag "$run_tag" --command "$cmd" \
   --seconds "$(( $(date +%s) - start ))" --summaries "${rows[@]}" "$linear_act_row" \

@@ -44,15 +44,20 @@ ARTEFACTS = [
     ("Figure 2 (ITI)", "figure2_{model}_{mode}_iti.png", "the alpha sweep on the validation questions"),
     ("Figure 2 (Linear-AcT)", "figure2_{model}_{mode}_linear_act.png", "the lambda sweep on the validation questions"),
 ]
+# written only where the project has labels of the model's answers (data/judge-labels/<model>_labels.csv)
+OPTIONAL = [
+    ("Judge check", "judge_check_{model}_{mode}.md", "Table 1's judges against labels of the model's own answers"),
+]
 
 
 def artefacts(paper_dir: str | Path, model: str, mode: str, tag: str) -> list[dict]:
-    """Each artefact of a run: name, path, what it holds, whether it exists."""
+    """Each artefact of a run: name, path, what it holds, whether it exists (the optional ones where they do)."""
     paper_dir = Path(paper_dir)
     rows = []
-    for name, pattern, what in ARTEFACTS:
+    for (name, pattern, what), optional in [(a, False) for a in ARTEFACTS] + [(a, True) for a in OPTIONAL]:
         path = paper_dir / pattern.format(model=model, mode=mode, tag=tag)
-        rows.append({"name": name, "path": str(path), "what": what, "exists": path.exists()})
+        if path.exists() or not optional:
+            rows.append({"name": name, "path": str(path), "what": what, "exists": path.exists()})
     return rows
 
 
