@@ -16,35 +16,63 @@ The public API is `__all__` below; old module paths (slim.policies, slim.answeri
 """
 
 from . import _moved  # noqa: F401  (old module paths: installed before anything else imports)
-from .answering.answers import answer_questions
-from .answering.decoding import generate_greedy
-from .answering.likelihood import mc_scores
-from .answering.prefix import PrefixCache
-from .answering.prompts import answer_closed, extract_answer, qa_prompt, shared_prefix
-from .config import DataConfig, EvalConfig, ITIConfig, ParameterError, ProbeConfig, SlimConfig, __version__  # noqa: F401
-from .data.activations import ProbeData, cached_head_activations, load_probe_data
-from .data.folds import questions_and_folds
-from .data.probe_texts import probe_texts
-from .data.truthfulqa import load_truthfulqa
-from .evaluation.evaluate import evaluate_method, load_scorers
-from .judges import make_judge
-from .layout import RunLayout
-from .models.heads import HeadLayout, HeadTrace, model_shape, set_head_layout
-from .models.loading import LoadedModel, load_model
-from .policies.base import Policy, model_fingerprint
-from .policies.fit import fit_iti, fit_mimic, fit_slim, iti_for_fold, slim_for_fold
-from .policies.iti import ITIPolicy
-from .policies.linear_act import LinearActPolicy, fit_linear_act, linear_act_for_fold
-from .policies.mimic import MimicPolicy
-from .policies.mixed import (
-    ITIOnSlimLayerPolicy,
-    SlimOnITIHeadsPolicy,
-    iti_on_slim_layer_for_fold,
-    slim_on_iti_heads_for_fold,
-)
-from .policies.slim import SlimPolicy
-from .stage1.fit import chosen_layers, fit_stage1, layer_table
-from .stage1.probes import RiskAwareProbes
+
+# where each public name lives; imported on first use (PEP 562), so that `python -m slim.<module>` and the
+# scripts load only what they use (the eager imports of every stage cost seconds per process)
+_LAZY = {
+    "answer_questions": "answering.answers",
+    "generate_greedy": "answering.decoding",
+    "mc_scores": "answering.likelihood",
+    "PrefixCache": "answering.prefix",
+    "answer_closed": "answering.prompts",
+    "extract_answer": "answering.prompts",
+    "qa_prompt": "answering.prompts",
+    "shared_prefix": "answering.prompts",
+    "DataConfig": "config",
+    "EvalConfig": "config",
+    "ITIConfig": "config",
+    "ParameterError": "config",
+    "ProbeConfig": "config",
+    "SlimConfig": "config",
+    "__version__": "config",
+    "ProbeData": "data.activations",
+    "cached_head_activations": "data.activations",
+    "load_probe_data": "data.activations",
+    "questions_and_folds": "data.folds",
+    "probe_texts": "data.probe_texts",
+    "load_truthfulqa": "data.truthfulqa",
+    "evaluate_method": "evaluation.evaluate",
+    "load_scorers": "evaluation.evaluate",
+    "make_judge": "judges",
+    "RunLayout": "layout",
+    "HeadLayout": "models.heads",
+    "HeadTrace": "models.heads",
+    "model_shape": "models.heads",
+    "set_head_layout": "models.heads",
+    "LoadedModel": "models.loading",
+    "load_model": "models.loading",
+    "Policy": "policies.base",
+    "model_fingerprint": "policies.base",
+    "fit_iti": "policies.fit",
+    "fit_mimic": "policies.fit",
+    "fit_slim": "policies.fit",
+    "iti_for_fold": "policies.fit",
+    "slim_for_fold": "policies.fit",
+    "ITIPolicy": "policies.iti",
+    "LinearActPolicy": "policies.linear_act",
+    "fit_linear_act": "policies.linear_act",
+    "linear_act_for_fold": "policies.linear_act",
+    "MimicPolicy": "policies.mimic",
+    "ITIOnSlimLayerPolicy": "policies.mixed",
+    "SlimOnITIHeadsPolicy": "policies.mixed",
+    "iti_on_slim_layer_for_fold": "policies.mixed",
+    "slim_on_iti_heads_for_fold": "policies.mixed",
+    "SlimPolicy": "policies.slim",
+    "chosen_layers": "stage1.fit",
+    "fit_stage1": "stage1.fit",
+    "layer_table": "stage1.fit",
+    "RiskAwareProbes": "stage1.probes",
+}
 
 __all__ = [
     # settings and files
@@ -105,3 +133,17 @@ __all__ = [
     "load_scorers",
     "evaluate_method",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # the next access skips this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
