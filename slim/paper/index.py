@@ -320,7 +320,13 @@ def models_section(paper_dir: str | Path, mode: str, readme: Path) -> str:
     for model in record["models"]:
         r = _read_record(paper_dir / f"index_{model}_{mode}.json", todo)
         heads = f"; {_heads(r)}" if _heads(r) else ""
-        parts += [f"**{model}**: `{r['command']}`, {r['date']}, {_wall_time(r)} wall time{heads}.", ""]
+        line = f"**{model}**: `{r['command']}`, {r['date']}, {_wall_time(r)} wall time{heads}."
+        other = "full" if mode == "quick" else "quick"
+        if (paper_dir / f"index_{model}_{other}.json").exists():  # its run in the other mode, on record
+            o = json.loads((paper_dir / f"index_{model}_{other}.json").read_text())
+            name = f"index_{model}_{other}.md"
+            line += f" Its {other} run: `{o['command']}`, {o['date']} ([{name}]({rel / name}))."
+        parts += [line, ""]
         table1 = _table1(r)
         if table1 is not None:
             parts += [table1_summary(table1.read_text()), ""]

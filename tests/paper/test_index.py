@@ -105,6 +105,9 @@ def test_the_index_and_the_readme_cover_every_model_run(tmp_path):
         in index
     )
 
+    # model_a's full run on record: the section names it beside the quick one
+    full = json.loads((paper / "index_model_a_quick.json").read_text())
+    (paper / "index_model_a_full.json").write_text(json.dumps({**full, "mode": "full", "command": "FULL=1 x"}))
     readme = tmp_path / "README.md"
     readme.write_text(f"# P\n\n{BEGIN}\nold\n{END}\n")
     update_readme(readme, models_section(paper, "quick", readme))
@@ -123,6 +126,8 @@ def test_the_index_and_the_readme_cover_every_model_run(tmp_path):
     assert (
         "**model_a**: `MODEL=model_a bash reproduce.sh`, " in section and "2 min 00 s over 1 invocation(s)" in section
     )
+    assert "Its full run: `FULL=1 x`, " in section and section.count("Its full run") == 1
+    assert "([index_model_a_full.md](paper/index_model_a_full.md))" in section
     assert "**Cost per stage.**" in section and "| 2/8 stage 2/8 | 20 | 40 | 2.00x |" in section
 
     # the command: --readme_only rewrites the section from the indexes; a run without them is one line
