@@ -179,9 +179,9 @@ wait_units
 stage "8/8 the artefacts"
 # Table 1's judges against labels of this model's own answers, where the project has them
 labels="data/judge-labels/${name}_labels.csv"
-if [ -f "$labels" ]; then
-  python -m slim.judges.check "${rows[@]}" "$linear_act_row" --labels "$labels" \
-    --out "$PAPER_DIR/judge_check_${name}_${mode}.md" --title "Table 1's judges against $labels ($MODEL, $mode)"
+if [ -f "$labels" ] && ! python -m slim.judges.check "${rows[@]}" "$linear_act_row" --labels "$labels" \
+    --out "$PAPER_DIR/judge_check_${name}_${mode}.md" --title "Table 1's judges against $labels ($MODEL, $mode)"; then
+  echo "note: no judge check for $MODEL (the line above says why); the run's other artefacts are unaffected." >&2
 fi
 readme=(); [ -n "${README:-}" ] && readme=(--readme "$README")
 python -m slim.paper --paper_dir "$PAPER_DIR" --model "$name" --mode "$mode" --run_tag "$run_tag" --command "$cmd" \
