@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..evaluation.reports import (
+    _setting,  # the tables' own naming of a run's knob
+    interval_cell,
+)
 from ..io import write_text
 from .base import THRESHOLD
 from .card import card_row, mean_interval, paired_shifts
@@ -27,12 +31,6 @@ from .card import card_row, mean_interval, paired_shifts
 __all__ = ["labelled_verdicts", "check_markdown"]
 
 KINDS = {"truth": ("truthful", "truth_score", "True"), "info": ("informative", "info_score", "Info")}
-
-
-def _setting(row: dict) -> str:
-    from ..evaluation.reports import _setting as setting  # the tables' own naming of a run's knob
-
-    return setting(row)
 
 
 def labelled_verdicts(summaries: list[str | Path], labels: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -106,16 +104,11 @@ def check_markdown(joined: pd.DataFrame, judges: list[str], title: str, command:
                                                                           reference=ref)}  # fmt: skip
         for t in truth:
             i = info[(t["method"], t["setting"])]
-            cells = [_signed(t["labels"]), _signed(t["judge"]), _signed(i["labels"]), _signed(i["judge"])]
+            cells = [interval_cell(v, signed=True) for v in (t["labels"], t["judge"], i["labels"], i["judge"])]
             lines.append(f"| {t['method']} | {t['setting']} | {t['n']} | " + " | ".join(cells) + " |")
     stamp = datetime.date.today().isoformat()
     lines += ["", f"Produced {stamp}" + (f" by `{command}`" if command else "") + "."]
     return "\n".join(lines) + "\n"
-
-
-def _signed(m_lo_hi) -> str:
-    m, lo, hi = m_lo_hi
-    return f"{m:+.1f} ({lo:+.1f} to {hi:+.1f})"
 
 
 def main(argv=None) -> Path:
