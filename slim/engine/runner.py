@@ -14,8 +14,10 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TextIO
@@ -296,6 +298,7 @@ def _run_ray(units: list[Unit], workers: int | None, logs_dir: Path, out: TextIO
     ray = import_ray()
     owned = _connect(ray)
     running: dict = {}  # ObjectRef -> unit index
+    sigterm = _interrupt_on_sigterm()
     try:
         logs_dir.mkdir(parents=True, exist_ok=True)
         _check_shared(ray, logs_dir, sorted({u.cwd for u in units}))
@@ -341,6 +344,8 @@ def _run_ray(units: list[Unit], workers: int | None, logs_dir: Path, out: TextIO
         print(f"engine ray: {_count(units)} done in {time.time() - start:.1f} s", file=out, flush=True)
         return records
     finally:
+        if sigterm is not None:  # first, so that a second SIGTERM ends this at once
+            signal.signal(signal.SIGTERM, sigterm)
         for ref in running:  # a failure or an interrupt: the others stop (their commands die with their workers)
             try:
                 ray.cancel(ref, force=True)
@@ -348,3 +353,17 @@ def _run_ray(units: list[Unit], workers: int | None, logs_dir: Path, out: TextIO
                 pass
         if owned:
             ray.shutdown()
+
+
+def _interrupt_on_sigterm():
+    """Make SIGTERM (a scheduler's stop, `kill`) an interrupt like Ctrl-C: the running tasks are cancelled and the
+    driver exits 130 with its one line. Ray's own handler, installed when Ray starts, would end the driver at once
+    with status 1 and a stack dump, skipping the cancel. Returns the handler to put back after the wave: the one it
+    replaced, or the default where that was not Python's (Ray's); None off the main thread, where none can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt) or signal.SIG_DFL

@@ -1,6 +1,7 @@
 """slim.engine and scripts/engine.sh: a wave of units run one after another or as Ray tasks (local, 2 CPUs) gives the
-same files; a failing unit stops the run in one line; a SIGKILLed worker's task runs again and completes; Ray
-missing, RAY_ADDRESS unreachable, a bad ENGINE: one line each, nothing run."""
+same files; a failing unit stops the run in one line; a SIGKILLed worker's task runs again and completes; SIGINT or
+SIGTERM to the driver stops its tasks; Ray missing, RAY_ADDRESS unreachable, a bad ENGINE: one line each, nothing
+run."""
 
 from __future__ import annotations
 
@@ -202,6 +203,31 @@ def test_a_killed_worker_is_retried_and_the_command_resumes(tmp_path, ray_sessio
     assert "[1/1] resumable: " in out.getvalue() and "(attempt 2: the worker of the first died)" in out.getvalue()
     log = (tmp_path / "l" / "resumable.log").read_text()
     assert log.count("=== slim.engine: resumable: attempt") == 2 and log.splitlines().count("bash done") == 1
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_driver_stops_its_tasks_within_seconds(tmp_path, signum):
+    # Ctrl-C, or a scheduler's SIGTERM, sent to the driver alone (the Ray workers are in sessions of their own):
+    # the driver cancels the running task, whose command dies with it, and exits 130 with one line. (SIGTERM used
+    # to meet Ray's own handler, which ended the driver at once with status 1 and a stack dump, cancelling nothing.)
+    code = "import os, time; open('started', 'w').write(str(os.getpid())); time.sleep(300)"
+    write_plan(tmp_path / "plan", [Unit("sleeper", py(code), str(tmp_path), gpus=0)])
+    env = {k: v for k, v in os.environ.items() if k not in ("ENGINE", "RAY_ADDRESS")}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "slim.engine", "run", "plan", "--engine", "ray", "--logs", "logs"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO), "RAY_TMPDIR": "/tmp", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    command = int(wait_for(tmp_path / "started"))
+    asked = time.time()
+    driver.send_signal(signum)
+    _, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 130 and stderr.strip().splitlines()[-1].startswith("error: interrupted;"), stderr
+    assert time.time() - asked < 30  # not the task's 300 s
+    assert gone(command)
 
 
 def test_workers_that_do_not_see_the_folder_stop_the_run_before_any_work(tmp_path, ray_session, monkeypatch):
