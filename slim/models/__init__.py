@@ -11,20 +11,8 @@ Modules:
 The names of the old `slim.models` module are re-exported here.
 """
 
-from .loading import (
-    DEFAULT_MODEL,
-    SOURCE_FILE,
-    LoadedModel,
-    cache_root,
-    conversion_problem,
-    convert_gguf,
-    load_model,
-    local_model_dir,
-    resolve_device,
-    resolve_model_name,
-    smollm2_gguf_path,
-)
-
+# imported from .loading on first use (PEP 562), so that `python -m slim.models.defaults` and the other light
+# modules do not load torch and transformers
 __all__ = [
     "DEFAULT_MODEL",
     "SOURCE_FILE",
@@ -38,3 +26,17 @@ __all__ = [
     "local_model_dir",
     "load_model",
 ]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from . import loading
+
+        value = getattr(loading, name)
+        globals()[name] = value  # the next access skips this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
