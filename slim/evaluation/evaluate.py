@@ -169,8 +169,10 @@ def measure(
     if callable(counts):
         if firing["firing_rate"] is None:  # nothing decoded in this run: the rate measured when it was
             firing["firing_rate"] = cached.get("firing_rate")
-        else:
+        else:  # kept at once: the answers are not decoded again, so a stop during MC1/MC2 or CE/KL would lose it
             cached["firing_rate"] = firing["firing_rate"]
+            _write_metrics_cache(cache_path, key, cached)
+            before = dict(cached)
     if mc:
         if "mc" not in cached:
             cached["mc"] = mc_scores(
@@ -247,12 +249,13 @@ def evaluate(lm, questions, edit, method, params, fold, split, answers_csv, scor
 
 
 def fold_average(rows: list[dict]) -> dict:
-    """Mean of the numeric metrics over folds (fold = 'mean'), other fields from the first row."""
+    """Mean of the numeric metrics over folds (fold = 'mean'), other fields from the first row. A metric that a
+    fold lacks (None, NaN) has no mean (None), rather than the mean of the other folds under the folds' name."""
     df = pd.DataFrame(rows)
     out = dict(rows[0])
     for col in df.columns:
         if col not in ("fold",) and pd.api.types.is_numeric_dtype(df[col]):
-            out[col] = float(df[col].mean())
+            out[col] = float(df[col].mean()) if df[col].notna().all() else None
     out["fold"] = "mean"
     out.pop("scored_answers", None)  # one file per fold: the fold rows name theirs
     return out

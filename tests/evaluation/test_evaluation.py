@@ -8,7 +8,7 @@ import torch
 
 from conftest import HashEmbedder, LengthJudge, make_tokenizer, random_policy, tiny_model
 from slim.config import EvalConfig
-from slim.evaluation.evaluate import Scorers, evaluate_method
+from slim.evaluation.evaluate import Scorers, evaluate_method, fold_average
 from slim.layout import RunLayout, method_name
 from slim.models.heads import model_shape
 from slim.models.loading import LoadedModel
@@ -113,6 +113,50 @@ def test_a_rerun_recomputes_no_likelihood_metric(tmp_path, monkeypatch):
         assert "recomputed" in str(err)
     else:
         raise AssertionError("metrics of another policy were reused")
+
+
+def test_a_stop_after_decoding_keeps_the_firing_rate_and_a_fold_without_one_has_no_mean(tmp_path, monkeypatch):
+    import slim.answering.likelihood
+
+    model = tiny_model("llama", max_positions=512)
+    lm = LoadedModel(model=model, tokenizer=make_tokenizer(), name="tiny", device=torch.device("cpu"))
+    questions = pd.DataFrame(
+        {
+            "Question": ["What is the capital of France ?", "who was it ?", "where is London ?"],
+            "Best Answer": ["Paris"] * 3,
+            "Correct Answers": ["Paris; It is Paris"] * 3,
+            "Incorrect Answers": ["London; It is London"] * 3,
+        }
+    )
+    folds = [{"test": np.array([0, 1, 2]), "val": np.array([], int)}]
+    scorers = Scorers(LengthJudge(), LengthJudge(), HashEmbedder(), ("stub", "stub"), "hash")
+    cfg = EvalConfig(max_new_tokens=4, batch_size=2, mc=True)
+    torch.manual_seed(0)
+    policy = random_policy("slim", model, kappa=5.0)
+
+    def run(folder):
+        layout = RunLayout(tmp_path / folder, "tiny")
+        return evaluate_method(lm, questions, folds, "slim", {"kappa": 5.0}, lambda fold: policy, scorers, cfg, layout)
+
+    whole = run("whole").rows[0]["firing_rate"]
+    assert whole is not None
+
+    def stopped(*args, **kwargs):  # Ctrl-C while MC1/MC2 runs, after every answer was decoded
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(slim.answering.likelihood, "mc_scores", stopped)
+        try:
+            run("stopped")
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("MC1/MC2 did not run")
+    assert run("stopped").rows[0]["firing_rate"] == whole  # the answers read back, the rate measured with them
+
+    rows = [{"fold": 0, "true": 40.0, "firing_rate": 0.2}, {"fold": 1, "true": 50.0, "firing_rate": None}]
+    mean = fold_average(rows)
+    assert mean["true"] == 45.0 and mean["firing_rate"] is None  # not 0.2 under the folds' name
 
 
 def test_short_memory_releases_the_subject_model_first_and_writes_the_same_files(tmp_path, monkeypatch):
