@@ -1,10 +1,8 @@
 """Answering and scoring, the same for every method (unintervened, ITI, SLIM, MiMiC).
 
-`evaluate_method` answers each fold's test (or validation) questions with that
-fold's policy attached, scores the answers with the run's judges and embedder,
-and writes one summary (per-fold rows and their mean) with the run's whole
-configuration beside it. Same questions, prompt, decoding, judges and metrics
-for every method, so the comparison is fair.
+`evaluate_method` answers each fold's test (or validation) questions with that fold's policy attached, scores the
+answers with the run's judges and embedder, and writes one summary (per-fold rows and their mean) with the run's
+whole configuration beside it. Same questions, prompt, decoding, judges and metrics for every method: a fair test.
 """
 
 from __future__ import annotations
@@ -159,8 +157,7 @@ def measure(
     )
     # share of the positions decoded in this run (not those of answers read back) where SLIM's layer fired
     firing = {"firing_rate": edit.firing_rate()} if callable(counts) else {}
-    # MC1/MC2, CE/KL and the firing rate are kept beside the answers, keyed by what made them, so a rerun that
-    # reads every answer back recomputes none of them (and still reports the rate its decoding measured)
+    # MC1/MC2, CE/KL and the firing rate: kept beside the answers, keyed by what made them (a rerun recomputes none)
     cache_path = answers_csv.with_name(answers_csv.stem + ".metrics.json")
     key = _metrics_key(answers_csv, questions, likelihood_edit, tqa_dir)
     cached = _read_metrics_cache(cache_path, key)
