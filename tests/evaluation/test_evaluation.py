@@ -71,12 +71,8 @@ def test_a_policy_that_moves_nothing_reuses_the_unintervened_answers(tmp_path):
     assert calls and moved.rows[0]["answers_of"] == name and layout.answers(name, 0, "test").exists()
 
 
-def test_a_rerun_recomputes_no_likelihood_metric(tmp_path, monkeypatch):
-    import slim.answering.likelihood
-
-    tokenizer = make_tokenizer()
-    model = tiny_model("llama", max_positions=512)
-    lm = LoadedModel(model=model, tokenizer=tokenizer, name="tiny", device=torch.device("cpu"))
+def three_questions():
+    """Three questions in one test fold, and stub judges: (questions, folds, scorers)."""
     questions = pd.DataFrame(
         {
             "Question": ["What is the capital of France ?", "who was it ?", "where is London ?"],
@@ -86,7 +82,16 @@ def test_a_rerun_recomputes_no_likelihood_metric(tmp_path, monkeypatch):
         }
     )
     folds = [{"test": np.array([0, 1, 2]), "val": np.array([], int)}]
-    scorers = Scorers(LengthJudge(), LengthJudge(), HashEmbedder(), ("stub", "stub"), "hash")
+    return questions, folds, Scorers(LengthJudge(), LengthJudge(), HashEmbedder(), ("stub", "stub"), "hash")
+
+
+def test_a_rerun_recomputes_no_likelihood_metric(tmp_path, monkeypatch):
+    import slim.answering.likelihood
+
+    tokenizer = make_tokenizer()
+    model = tiny_model("llama", max_positions=512)
+    lm = LoadedModel(model=model, tokenizer=tokenizer, name="tiny", device=torch.device("cpu"))
+    questions, folds, scorers = three_questions()
     layout = RunLayout(tmp_path, "tiny")
     cfg = EvalConfig(max_new_tokens=4, batch_size=2, mc=True, ce_kl=True)
     run = functools.partial(evaluate_method, lm, questions, folds, scorers=scorers, cfg=cfg, layout=layout)
@@ -120,16 +125,7 @@ def test_a_stop_after_decoding_keeps_the_firing_rate_and_a_fold_without_one_has_
 
     model = tiny_model("llama", max_positions=512)
     lm = LoadedModel(model=model, tokenizer=make_tokenizer(), name="tiny", device=torch.device("cpu"))
-    questions = pd.DataFrame(
-        {
-            "Question": ["What is the capital of France ?", "who was it ?", "where is London ?"],
-            "Best Answer": ["Paris"] * 3,
-            "Correct Answers": ["Paris; It is Paris"] * 3,
-            "Incorrect Answers": ["London; It is London"] * 3,
-        }
-    )
-    folds = [{"test": np.array([0, 1, 2]), "val": np.array([], int)}]
-    scorers = Scorers(LengthJudge(), LengthJudge(), HashEmbedder(), ("stub", "stub"), "hash")
+    questions, folds, scorers = three_questions()
     cfg = EvalConfig(max_new_tokens=4, batch_size=2, mc=True)
     torch.manual_seed(0)
     policy = random_policy("slim", model, kappa=5.0)
