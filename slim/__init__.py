@@ -16,6 +16,7 @@ The public API is `__all__` below; old module paths (slim.policies, slim.answeri
 """
 
 from . import _moved  # noqa: F401  (old module paths: installed before anything else imports)
+from ._lazy import lazy_exports
 
 # where each public name lives; imported on first use (PEP 562), so that `python -m slim.<module>` and the
 # scripts load only what they use (the eager imports of every stage cost seconds per process)
@@ -135,15 +136,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value  # the next access skips this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -11,6 +11,8 @@ Modules:
 The names of the old `slim.models` module are re-exported here.
 """
 
+from .._lazy import lazy_exports
+
 # imported from .loading on first use (PEP 562), so that `python -m slim.models.defaults` and the other light
 # modules do not load torch and transformers
 __all__ = [
@@ -28,15 +30,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name in __all__:
-        from . import loading
-
-        value = getattr(loading, name)
-        globals()[name] = value  # the next access skips this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(__all__, "loading"))
