@@ -32,8 +32,9 @@
 # NUM_HEADS, FIGURE_BLS, OUT_DIR, PAPER_DIR (default paper), NQ_FILE, NQ_QUESTIONS, README, ENGINE. Extra arguments
 # go to every Python command.
 # ENGINE=ray (scripts/engine.sh; docs/scaling.md): the runs of a stage that do not need each other run as Ray tasks
-# at once (the sweeps' values, the test runs of stages 1, 4 and 5), on this machine or a cluster (RAY_ADDRESS);
-# Table 4's timings run alone. The models of MODELS still run in turn. The files written are the same.
+# at once (the sweeps' values, the test runs of stages 1, 4 and 5, the transfer's answer sets), on this machine or
+# a cluster (RAY_ADDRESS); Table 4's timings run alone. The models of MODELS still run in turn. The files written
+# are the same.
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/env.sh && slim_use_env  # the active environment, else .venv from install.sh (scripts/env.sh)
@@ -172,8 +173,15 @@ wait_units
 stage "7/8 transfer to NQ-open"
 nq=(); [ -n "${NQ_FILE:-}" ] && nq=(--nq_file "$NQ_FILE")
 [ -n "$NQ_QUESTIONS" ] && nq+=(--max_questions "$NQ_QUESTIONS")
-unit "$MODEL transfer" -- python transfer.py "$iti_row" "$slim_row" "$linear_act_row" "${nq[@]}" \
-  --out "$PAPER_DIR/transfer_${name}_${mode}.md" "$@"
+transfer=(python transfer.py "$iti_row" "$slim_row" "$linear_act_row" "${nq[@]}")
+# the answer sets (the unintervened model's, each fold's policy's) need nothing of one another: a unit each, then
+# the report reads them back and scores them
+answer_sets=$("${transfer[@]}" --list_answer_sets "$@")
+for answers in $answer_sets; do
+  unit "$MODEL transfer answers $answers" -- "${transfer[@]}" --answer_set "$answers" "$@"
+done
+wait_units
+unit "$MODEL transfer" -- "${transfer[@]}" --out "$PAPER_DIR/transfer_${name}_${mode}.md" "$@"
 wait_units
 
 stage "8/8 the artefacts"

@@ -17,6 +17,11 @@ variable SLIM_NQ_FILE names, the cache ($SLIM_CACHE/nq_open/NQ-open.dev.jsonl),
 then the Hugging Face hub (`pip install datasets`, online); the report and
 the JSON say which, with the file's sha256. Where none can be had, a note
 saying so goes to --out and the script exits 0.
+
+The answer sets (`--list_answer_sets`: the unintervened model's, then each
+fold's policy's) are independent: `--answer_set NAME` answers one of them
+into the cache and stops, so several processes (reproduce.sh's units, one
+per GPU or core) can answer them at once; the report then reads them back.
 """
 
 import argparse
@@ -33,7 +38,15 @@ from slim.io import artefact_lock, write_json, write_text
 from slim.layout import model_tag
 from slim.models.loading import resolve_device
 from slim.paper.nq_open import TransferUnavailable, data_key, load_nq_open
-from slim.paper.transfer import load_transfer_runs, read_config, run_transfer, transfer_markdown, unavailable_note
+from slim.paper.transfer import (
+    answer_set,
+    answer_set_names,
+    load_transfer_runs,
+    read_config,
+    run_transfer,
+    transfer_markdown,
+    unavailable_note,
+)
 
 MODEL_FLAGS = ("--model_dir", "--head_layout", "--device", "--dtype", "--allow_offload", "--tqa_dir")
 RUN_FLAGS = ("--judge_name", "--info_name", "--embedder", "--max_new_tokens", "--answer_batch_size", "--answer_rule")
@@ -55,7 +68,14 @@ def flags() -> argparse.ArgumentParser:
         "--max_questions", type=int, default=None, help="the first N of a shuffle seeded by --seed (default: all)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of that shuffle")
-    parser.add_argument("--out", required=True, help="the Markdown report (its numbers: a JSON beside it)")
+    parser.add_argument("--out", default=None, help="the Markdown report (its numbers: a JSON beside it); required")
+    parser.add_argument(
+        "--answer_set",
+        default=None,
+        help="only answer this answer set (cached; no scores, no report), so that several processes answer at "
+        "once before the report reads them back",
+    )
+    parser.add_argument("--list_answer_sets", action="store_true", help="print the answer sets' names, one a line")
     parser.add_argument("--model_name", default=None, help="model key or hub id (default: the TruthfulQA run's)")
     parser.add_argument(
         "--out_dir", default=None, help="answer caches go to <out_dir>/transfer/ (default: the first summary's out_dir)"
@@ -81,17 +101,39 @@ def ran_before(path: Path) -> bool:
 
 def main(argv=None):
     args = flags().parse_args(argv)
-    # two runs asking for the same report: one after the other; other reports (and their answers) at once
-    with artefact_lock(args.out):
-        report(args, argv)
+    if args.list_answer_sets:
+        print("\n".join(answer_set_names(load_transfer_runs(args.summaries))))
+    elif args.answer_set:
+        answer_only(args)
+    elif not args.out:
+        raise ValueError("--out is required: the report's path (or --answer_set NAME, or --list_answer_sets).")
+    else:  # two runs asking for the same report: one after the other; other reports (and their answers) at once
+        with artefact_lock(args.out):
+            report(args, argv)
 
 
-def report(args, argv=None) -> None:
-    """The transfer report of `args` (see the module docstring), written to args.out and a JSON beside it."""
-    command = "python transfer.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    out = Path(args.out)
+def answer_only(args) -> None:
+    """--answer_set: that set's answers, cached where the report will read them; nothing scored."""
     runs = load_transfer_runs(args.summaries)
+    if args.answer_set not in answer_set_names(runs):  # before loading anything
+        raise ValueError(f"--answer_set {args.answer_set}: pick one of {', '.join(answer_set_names(runs))}.")
+    cfg, _ = run_settings(args, runs)
+    try:
+        questions = load_nq_open(args.nq_file, args.split, args.max_questions, args.seed)
+    except TransferUnavailable as err:
+        print(f"transfer could not run ({' '.join(str(err).split())}); answer set {args.answer_set} not answered")
+        return
+    answers_dir = answers_folder(args, questions.attrs["source"])
+    csv = answers_dir / f"{args.answer_set}.csv"
+    with artefact_lock(csv):  # two processes on one answer set: the second reads the first's back
+        lm = load_model(args)
+        got = answer_set(lm, runs, questions, answers_dir, cfg, args.answer_set)
+    print(f"answer set {args.answer_set}: {len(got):,} answers in {csv}")
+
+
+def run_settings(args, runs) -> tuple[EvalConfig, str | None]:
+    """The answering and judging settings (flags, else the TruthfulQA run's, else the defaults) and the
+    TruthfulQA folder; fills in args' model from the run where no flag names one."""
     config = runs[0].config if runs else read_config(args.summaries[0])  # only the unintervened model's
     ran = config.get("eval") or {}
     settings = {f.lstrip("-"): getattr(args, f.lstrip("-")) for f in RUN_FLAGS}
@@ -114,8 +156,28 @@ def report(args, argv=None) -> None:
         args.model_name, args.model_dir = model.get("name") or su.DEFAULT_MODEL, model.get("model_dir")
         args.head_layout = args.head_layout or model.get("head_layout")
     args.model_name = args.model_name or model.get("name") or su.DEFAULT_MODEL
-    tqa_dir = args.tqa_dir or (config.get("data") or {}).get("tqa_dir")
+    return cfg, args.tqa_dir or (config.get("data") or {}).get("tqa_dir")
 
+
+def answers_folder(args, source: dict) -> Path:
+    """<out_dir>/transfer/<model tag>/<data key>: where the answer sets of these questions are cached."""
+    out_dir = Path(args.out_dir) if args.out_dir else Path(args.summaries[0]).resolve().parent.parent
+    return out_dir / "transfer" / model_tag(args.model_name, args.model_dir) / data_key(source)
+
+
+def load_model(args):
+    args.device = resolve_device(args.device)
+    su.resolve_model_dtype(args)
+    return su.model_loader(args)()
+
+
+def report(args, argv=None) -> None:
+    """The transfer report of `args` (see the module docstring), written to args.out and a JSON beside it."""
+    command = "python transfer.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    out = Path(args.out)
+    runs = load_transfer_runs(args.summaries)
+    cfg, tqa_dir = run_settings(args, runs)
     try:
         questions = load_nq_open(args.nq_file, args.split, args.max_questions, args.seed)
     except TransferUnavailable as err:
@@ -128,13 +190,9 @@ def report(args, argv=None) -> None:
         print(f"transfer could not run ({reason}); note written to {out}")
         return
     source = questions.attrs["source"]
-
-    args.device = resolve_device(args.device)
-    su.resolve_model_dtype(args)
-    out_dir = Path(args.out_dir) if args.out_dir else Path(args.summaries[0]).resolve().parent.parent
     tag = model_tag(args.model_name, args.model_dir)
-    answers_dir = out_dir / "transfer" / tag / data_key(source)
-    lm = su.model_loader(args)()
+    answers_dir = answers_folder(args, source)
+    lm = load_model(args)
     scorers = load_scorers(cfg.judge_name, cfg.info_name, cfg.embedder, tqa_dir, device=str(lm.device))
     result = run_transfer(lm, runs, questions, scorers, answers_dir, cfg, on_row=print_row)
 

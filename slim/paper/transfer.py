@@ -14,13 +14,17 @@ question's verdicts over the folds' policies before the statistics.
     load_nq_open(path=None, split="validation", n=None, seed=0)   the questions and their gold answers
     gold_match(answer, golds)                                      NQ-open's lenient containment match
     load_transfer_runs(summaries)                                  the policies a TruthfulQA run recorded
+    answer_set_names(runs)                                         the answer sets a transfer reads, by name
+    answer_set(lm, runs, questions, answers_dir, cfg, name)        answer one of them (cached), nothing else
     run_transfer(lm, runs, questions, scorers, answers_dir, cfg)   answer (cached) and score: rows and paired rows
     transfer_markdown(result, header)                              the report
 
 Answers are cached per (method, fold) as CSV under
 `<out_dir>/transfer/<model tag>/<data key>/` (written after every batch,
 with their sha256 and their source record, as the TruthfulQA answers), so a
-rerun answers only what is missing.
+rerun answers only what is missing. The answer sets do not depend on one
+another, so they may be answered by separate processes at once (`answer_set`,
+`transfer.py --answer_set NAME`) before `run_transfer` reads them back.
 """
 
 from __future__ import annotations
@@ -170,6 +174,44 @@ def _paired(base: pd.DataFrame, other: pd.DataFrame) -> dict:
     return {"gold_match": gold["true"], **out}
 
 
+def answer_set_names(runs: list[TransferRun]) -> list[str]:
+    """The answer sets `run_transfer` reads, in its order: "baseline", then "<run name>_fold<k>" for every
+    fold's policy that moves something (one that moves nothing reads the unintervened answers)."""
+    names = ["baseline"]
+    for run in runs:
+        names += [f"{run.name}_fold{k}" for k, p in sorted(run.policies.items()) if not getattr(p, "moves_nothing", 0)]
+    return names
+
+
+def _policy_of(runs: list[TransferRun], name: str):
+    """The policy that answers the answer set `name` (None: the unintervened model); one-line ValueError if
+    no answer set has that name."""
+    names = answer_set_names(runs)
+    if name not in names:
+        raise ValueError(f"no answer set {name!r} in this transfer: pick one of {', '.join(names)}.")
+    return {f"{r.name}_fold{k}": p for r in runs for k, p in r.policies.items()}.get(name)
+
+
+def answer_set(lm, runs, questions: pd.DataFrame, answers_dir: Path, cfg: EvalConfig, name: str, progress=True):
+    """Answer `questions` for the answer set `name` (answer_set_names) into `<answers_dir>/<name>.csv`, resuming
+    what is there (`answer_questions`), and return the answers; nothing is scored."""
+    from ..answering.answers import answer_questions
+
+    return answer_questions(
+        lm.model,
+        lm.tokenizer,
+        questions[["question_idx", "Question"]],
+        Path(answers_dir) / f"{name}.csv",
+        edit=_policy_of(runs, name),
+        batch_size=cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        progress=progress,
+        prefix_cache=cfg.prefix_cache,
+        stop_at_answer=cfg.stop_at_answer,
+        answer_rule=cfg.answer_rule,
+    )
+
+
 def run_transfer(
     lm,
     runs: list[TransferRun],
@@ -189,31 +231,15 @@ def run_transfer(
     answer set and a "mean" row per run (each question's verdicts averaged over its folds); each metric
     (value, lo, hi). Paired rows: each run's fold and mean against the unintervened answers, (diff, lo, hi, p).
     `on_row(row)` is called as each row is ready."""
-    from ..answering.answers import answer_questions
     from ..evaluation.evaluate import scored_path
 
     golds = dict(zip(questions["question_idx"].astype(int), questions["golds"]))
-    asked = questions[["question_idx", "Question"]]
     answers_dir = Path(answers_dir)
     files: dict[str, str] = {}
 
-    def answer(name: str, policy) -> pd.DataFrame:
-        csv = answers_dir / f"{name}.csv"
-        got = answer_questions(
-            lm.model,
-            lm.tokenizer,
-            asked,
-            csv,
-            edit=policy,
-            batch_size=cfg.batch_size,
-            max_new_tokens=cfg.max_new_tokens,
-            progress=progress,
-            prefix_cache=cfg.prefix_cache,
-            stop_at_answer=cfg.stop_at_answer,
-            answer_rule=cfg.answer_rule,
-        )
-        files[name] = str(csv)
-        return got
+    def answer(name: str) -> pd.DataFrame:
+        files[name] = str(answers_dir / f"{name}.csv")
+        return answer_set(lm, runs, questions, answers_dir, cfg, name, progress)
 
     def scored(name: str, answers: pd.DataFrame) -> pd.DataFrame:
         v = _verdicts(answers, golds, scorers)
@@ -228,7 +254,7 @@ def run_transfer(
         if on_row:
             on_row(row)
 
-    base = scored("baseline", answer("baseline", None))
+    base = scored("baseline", answer("baseline"))
     head = {"method": "baseline", "setting": "-", "name": "baseline", "fold": "-", "answers_of": "baseline"}
     add({**head, "questions": len(base), **_scores(base)})
     for run in runs:
@@ -238,7 +264,7 @@ def run_transfer(
             if getattr(policy, "moves_nothing", False):  # its answers are the unintervened model's (evaluation)
                 v, answers_of = base, "baseline"
             else:
-                v, answers_of = scored(name, answer(name, policy)), name
+                v, answers_of = scored(name, answer(name)), name
             by_fold[fold] = v
             head = {"method": run.method, "setting": run.setting, "name": run.name}
             add({**head, "fold": fold, "answers_of": answers_of, "questions": len(v), **_scores(v)})

@@ -252,7 +252,7 @@ def test_evaluation_records_where_each_folds_policy_lives(tmp_path):
     assert Policy.load(canonical).digest() == fresh.digest()
 
 
-def test_transfer_end_to_end_on_a_tiny_model(tmp_path):
+def test_transfer_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     model_dir = tmp_path / "tiny_llama"
     tiny_model("llama", vocab_size=len(make_tokenizer())).save_pretrained(model_dir)
     make_tokenizer().save_pretrained(model_dir)
@@ -277,6 +277,23 @@ def test_transfer_end_to_end_on_a_tiny_model(tmp_path):
         nq_path = write_nq(tmp_path / "nq.jsonl").resolve()
         data, env = ["--nq_file", str(nq_path)], {"SLIM_NQ_FILE": ""}
     records = [json.loads(line) for line in nq_path.read_text(encoding="utf-8").splitlines()]
+    # the answer sets, named; one answered alone (as reproduce.sh's units do) is read back by the report, not redone
+    script = transfer_script()
+    script.main([str(summary), "--list_answer_sets"])
+    names = capsys.readouterr().out.split()
+    stem = summary.stem.removeprefix("tiny_llama_first40_").removesuffix("_test_max3")
+    assert names == ["baseline", f"{stem}_fold0", f"{stem}_fold1"]
+    with pytest.raises(ValueError, match="--answer_set iti_fold7: pick one of baseline, "):
+        script.main([str(summary), *data, "--answer_set", "iti_fold7"])
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    script.main([str(summary), *data, *common, "--answer_set", names[2]])
+    alone = capsys.readouterr().out.splitlines()[-1]
+    assert alone.startswith(f"answer set {names[2]}: 6 answers in ") and not out.exists()
+    alone_csv = Path(alone.rsplit(" in ", 1)[1])
+    assert sorted(f.name for f in alone_csv.parent.glob("*.csv")) == [f"{names[2]}.csv"]  # that set, unscored
+    alone_mtime = os.stat(alone_csv).st_mtime_ns
+
     args = ["transfer.py", str(summary), *data, "--out", str(out)]
     res = run([*args, *common], tmp_path, env=env)
     assert "transfer report" in res.stdout
@@ -299,6 +316,7 @@ def test_transfer_end_to_end_on_a_tiny_model(tmp_path):
             assert lo <= value <= hi
     files = [*numbers["answer_files"].values()]
     assert len(files) == 3 and all(len(pd.read_csv(f)) == 6 for f in files)
+    assert numbers["answer_files"][names[2]] == str(alone_csv) and os.stat(alone_csv).st_mtime_ns == alone_mtime
     assert numbers["data"]["found_by"] == ("SLIM_NQ_FILE" if real else "--nq_file")
     assert numbers["data"]["dev_split"] is real and numbers["small_model"] is True
 
