@@ -52,10 +52,29 @@ def check_strength(strength) -> float:
 
 
 def _quantiles(x: np.ndarray, n: int) -> np.ndarray:
-    """n evenly spaced quantiles (n, K) of samples x (m, K) per column: the sorted samples when m == n."""
-    if len(x) == n:
-        return np.sort(x, axis=0)
-    return np.quantile(x, np.linspace(0.0, 1.0, n), axis=0)
+    """n evenly spaced quantiles (n, K) of samples x (m, K) per column: the sorted samples when m == n.
+
+    np.quantile(x, np.linspace(0, 1, n), axis=0) bit for bit (numpy's "linear" method: position (m - 1) q,
+    interpolated by numpy's own two-sided formula), from one sort: np.quantile partitions around all n
+    positions, about 50 s a fold on SmolLM2's 17,280 dimensions, against 2 s here.
+    """
+    s = np.sort(x, axis=0)
+    m = len(x)
+    if m == n:
+        return s
+    position = (m - 1) * np.linspace(0.0, 1.0, n)
+    below = np.floor(position)
+    last = position >= m - 1  # numpy takes the last sample there (and so do we, by index -1)
+    below[last] = -1
+    weight = (position - below)[:, None]
+    lo = below.astype(np.intp)
+    hi = lo + 1
+    hi[last] = -1
+    a, b = s[lo], s[hi]
+    diff = b - a
+    out = a + diff * weight
+    np.subtract(b, diff * (1 - weight), out=out, where=weight >= 0.5)  # from the upper end past the midpoint
+    return out
 
 
 def sorted_pairs(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from slim.config import ParameterError
 from slim.data.activations import ProbeData
 from slim.models.heads import HeadTrace
 from slim.policies.base import Policy, model_fingerprint
-from slim.policies.linear_act import LinearActPolicy, fit_linear_act, linear_act_for_fold
+from slim.policies.linear_act import LinearActPolicy, _quantiles, fit_linear_act, linear_act_for_fold
 
 PROMPTS = ["Q: What is the capital of France ?", "Q: who was it ? A:"]
 
@@ -48,6 +48,17 @@ def test_fitted_map_is_the_least_squares_line_through_the_sorted_pairs(n_src, n_
     np.testing.assert_allclose(policy.lo.numpy(), src.min(0), rtol=1e-6)
     np.testing.assert_allclose(policy.hi.numpy(), src.max(0), rtol=1e-6)
     assert policy.layers == [0, 2] and policy.meta["n_source"] == n_src and policy.meta["n_target"] == n_tgt
+
+
+@pytest.mark.parametrize("m, n", [(5, 3), (101, 37), (300, 299), (10, 2), (2, 2), (64, 64)])
+def test_matched_quantiles_are_numpys_bit_for_bit(m, n):
+    """_quantiles (one sort) against np.quantile's "linear" method (a partition per position): the same bits,
+    on continuous samples and on samples full of ties, so fitted maps and policy digests did not move."""
+    rng = np.random.default_rng(m * 1000 + n)
+    for x in (rng.standard_normal((m, 40)), rng.integers(0, 3, size=(m, 40)).astype(np.float64)):
+        want = np.sort(x, axis=0) if m == n else np.quantile(x, np.linspace(0.0, 1.0, n), axis=0)
+        got = _quantiles(x, n)
+        assert got.shape == want.shape and np.array_equal(got.view(np.int64), want.view(np.int64))
 
 
 def test_only_the_given_rows_are_fitted_and_a_fold_never_sees_its_test_questions():
