@@ -15,7 +15,10 @@ answered as the pipeline answers them (shared-prompt cache, stop at the
 answer, --answer_batch_size at a time), each batch plain and edited back to
 back, the order alternating. Every timing runs once untimed, then --repeats
 times. Writes the markdown table to --out and a JSON beside it; the paper's
-LLaMA-7B figures are quoted in their own column.
+LLaMA-7B figures are quoted in their own column. A table already at --out,
+measured by the same command with the same configuration on the same device
+and torch, is kept (a resumed reproduce.sh redoes no finished stage);
+--remeasure times it again.
 """
 
 import argparse
@@ -32,8 +35,9 @@ from slim.config import COVARIANCES, PSI, ParameterError, SlimConfig, check_int,
 from slim.data.activations import load_probe_data
 from slim.data.folds import questions_and_folds
 from slim.io import artefact_lock
+from slim.models.loading import resolve_device
 from slim.paper.overhead import answer_setup, paired_overhead, timed_questions
-from slim.paper.table4 import device_description, table4_components, write_table4
+from slim.paper.table4 import device_description, earlier_table4, table4_components, write_table4
 from slim.paper.timing import (
     PAPER_TABLE4,
     busiest_head,
@@ -68,6 +72,12 @@ def main():
     parser.add_argument("--n_questions_timed", type=int, default=32, help="test questions answered both ways")
     parser.add_argument("--no_iti", dest="iti", action="store_false", help="skip ITI's fit (for comparison)")
     parser.add_argument("--out", default=None, help="markdown table (default <out_dir>/table4_<run>.md); JSON beside")
+    parser.add_argument(
+        "--remeasure",
+        action="store_true",
+        help="time again even when --out holds a table measured by the same command, configuration, device and torch "
+        "(kept by default, as a rerun keeps every finished stage)",
+    )
     args = su.accept_shared(parser).parse_args()
     check_int("repeats", args.repeats, 1)
     check_int("n_questions_timed", args.n_questions_timed, 1)
@@ -78,6 +88,15 @@ def main():
     )
     if not 0 <= args.fold < data_cfg.num_fold:
         raise ParameterError("fold", f"must lie in 0..{data_cfg.num_fold - 1}, got {args.fold}.")
+    command = shlex.join(["python", *sys.argv])
+    config = run_config(model=su.model_settings(args), data=data_cfg, probe=probe_cfg, slim=cfg)
+    device = device_description("auto" if args.device == "auto" else resolve_device(args.device))
+    out = args.out or layout.out_dir / f"table4_{layout.tag}.md"
+    kept = None if args.remeasure else earlier_table4(out, command, device, config)
+    if kept:  # a rerun (a resumed reproduce.sh) keeps what was measured: timing again would redo finished work
+        when = kept["header"]["date"]
+        print(f"Table 4 kept: {out}, measured {when} by this command on this device (--remeasure: time it again)")
+        return
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
@@ -128,10 +147,10 @@ def main():
     totals = overhead.totals()
     header = {
         "title": f"Table 4: running time, {layout.tag} (this run)",
-        "command": shlex.join(["python", *sys.argv]),
+        "command": command,
         "date": started,
         "model": f"{args.model_name}" + (f" from {args.model_dir}" if args.model_dir else "") + f" (run {layout.tag})",
-        "device": device_description("auto" if args.device == "auto" else str(lm.device)),
+        "device": device,
         "load average (1 min) at the start": "n/a" if load_average is None else f"{load_average:.2f}",
         "torch": torch.__version__,
         "edited layer": f"{layer} of fold {fold} (tau {policy.tau} of {weight.shape[0]} heads), kappa {cfg.kappa:g}, "
@@ -158,7 +177,7 @@ def main():
     if overhead.firing_rate is not None:
         notes.append(f"SLIM's layer fired at {100 * overhead.firing_rate:.1f} % of the timed edited positions.")
     details = {
-        "config": run_config(model=su.model_settings(args), data=data_cfg, probe=probe_cfg, slim=cfg),
+        "config": config,
         "fold": fold,
         "layer": layer,
         "tau": policy.tau,
@@ -176,7 +195,6 @@ def main():
             "pairs": overhead.pairs,
         },
     }
-    out = args.out or layout.out_dir / f"table4_{layout.tag}.md"
     with artefact_lock(out):
         md, js = write_table4(out, header, components, notes, details)
     for c in components:

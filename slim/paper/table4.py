@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_json, write_text
+from ..io import json_default, write_json, write_text
 from .overhead import OverheadResult
 from .timing import PAPER_TABLE4, Timing
 
@@ -131,11 +132,35 @@ def table4_markdown(header: dict, components: list[dict], notes: list[str] = ())
     return "\n".join(lines) + "\n"
 
 
+def earlier_table4(out: str | os.PathLike, command: str, device: str, config: dict) -> dict | None:
+    """The record of the Table 4 at `out` (its JSON beside it) when it was measured by the same command, with the
+    same configuration, on the same device with the same torch: what a rerun keeps instead of timing it again
+    (a resumed reproduce.sh). None when there is none, when anything differs, or when it is damaged."""
+    out = Path(out)
+    try:
+        record = json.loads(_json_path(out).read_text())
+        header, details = record["header"], record["details"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    same = (
+        out.is_file()
+        and header.get("command") == command
+        and header.get("device") == device
+        and header.get("torch") == torch.__version__
+        and details.get("config") == json.loads(json.dumps(config, default=json_default))
+    )
+    return record if same else None
+
+
+def _json_path(out: Path) -> Path:
+    return out.with_suffix(".json") if out.suffix else out.with_name(out.name + ".json")
+
+
 def write_table4(out: str | os.PathLike, header: dict, components: list[dict], notes: list[str] = (), details=None):
     """Write the markdown to `out` and the same content as JSON beside it (`out` with .json), atomically.
     Returns (markdown path, JSON path)."""
     out = Path(out)
-    json_path = out.with_suffix(".json") if out.suffix else out.with_name(out.name + ".json")
+    json_path = _json_path(out)
     write_text(out, table4_markdown(header, components, notes))
     paper = {**PAPER_TABLE4, "source": "the paper's Table 4, quoted; not measured by this run"}
     record = {"header": header, "components": components, "notes": list(notes), "details": details or {}}

@@ -15,7 +15,7 @@ from slim.answering.prompts import qa_prompt
 from slim.config import ProbeConfig, SlimConfig
 from slim.models.loading import LoadedModel
 from slim.paper.overhead import answer_setup, decode_batch, paired_overhead
-from slim.paper.table4 import device_description
+from slim.paper.table4 import device_description, earlier_table4
 from slim.paper.timing import (
     Timing,
     busiest_head,
@@ -170,6 +170,24 @@ def test_timings_script_writes_the_table_and_its_json(tmp_path):
     assert "timings.py" in record["header"]["command"] and "CPU: " in record["header"]["device"]
     assert "the paper's figures, not this run" in md and "| 15.64 |" in md and "| 3.09 |" in md
     assert record["details"]["overhead"]["questions"] == 4 and "table:" in res.stdout
+
+    # a rerun keeps the table (same command, configuration, device, torch); --remeasure or another setting times again
+    mtime = out.stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "Table 4 kept: " in again.stdout and out.stat().st_mtime_ns == mtime
+    assert earlier_table4(out, record["header"]["command"], record["header"]["device"], record["details"]["config"])
+    config = {**record["details"]["config"], "slim": {**record["details"]["config"]["slim"], "kappa": 5.0}}
+    assert earlier_table4(out, record["header"]["command"], record["header"]["device"], config) is None
+    assert earlier_table4(out, record["header"]["command"], "GPU: another", record["details"]["config"]) is None
+    out.with_suffix(".json").write_text("{damaged")
+    assert (
+        earlier_table4(out, record["header"]["command"], record["header"]["device"], record["details"]["config"])
+        is None
+    )
+    out.with_suffix(".json").write_text(json.dumps(record))
+    timed = subprocess.run([*cmd, "--remeasure"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert timed.returncode == 0 and "Table 4 kept" not in timed.stdout and "table:" in timed.stdout
+    assert out.stat().st_mtime_ns != mtime
 
     # a bad count stops in one line naming the flag, before any data or model is touched
     bad = subprocess.run(
