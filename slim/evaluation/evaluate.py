@@ -201,16 +201,15 @@ def judge_measured(
     """Score measured answers with the run's judges and embedder (to `scored_csv`, default
     `<answers>_scored.csv`): one summary row."""
     from ..judges import judge_identity
-    from .metrics import degeneracy_rate, sem_scores, summary_row, true_info
+    from .metrics import cached_sem_scores, degeneracy_rate, summary_row, true_info
 
-    answers = measured.answers
-    by_idx = measured.questions.set_index("question_idx")
-    qs = answers["question"].tolist()
-    ans = answers["answer"].tolist()
-    truth = scorers.truth_judge.score(qs, ans)
-    info = scorers.info_judge.score(qs, ans)
-    refs = by_idx.loc[answers["question_idx"]]
-    _, sem = sem_scores(scorers.embedder, ans, refs["Correct Answers"].tolist(), refs["Incorrect Answers"].tolist())
+    answers, ans = measured.answers, measured.answers["answer"].tolist()
+    truth = scorers.truth_judge.score(answers["question"].tolist(), ans)
+    info = scorers.info_judge.score(answers["question"].tolist(), ans)
+    refs = measured.questions.set_index("question_idx").loc[answers["question_idx"]]
+    sem_cache = measured.answers_csv.with_name(measured.answers_csv.stem + ".sem.json")  # read back on a rerun
+    refs = refs["Correct Answers"].tolist(), refs["Incorrect Answers"].tolist()
+    _, sem = cached_sem_scores(sem_cache, scorers.embedder, scorers.embedder_name, ans, *refs)
     answers = answers.assign(truth_score=truth, info_score=info)
     write_csv(answers, scored_csv or scored_path(measured.answers_csv))
     metrics = {

@@ -7,6 +7,7 @@ model-side scores (MC1/MC2, CE/KL) live in `slim.answering.likelihood`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -18,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.truthfulqa import split_answers
-from ..io import atomic_path, json_default, reading, write_checked
+from ..io import atomic_path, json_default, reading, write_checked, write_text
 from ..models.embedder import embed_unique
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,26 @@ def sem_scores(embedder, answers: Sequence[str], correct_refs, incorrect_refs) -
         ]
     )
     return q, float(np.mean(q >= 0))
+
+
+def cached_sem_scores(cache: Path, embedder, embedder_name: str, answers, correct_refs, incorrect_refs):
+    """`sem_scores`, kept in `cache` (a JSON) under the sha256 of the embedder's name and every text scored: a
+    rerun over the same answers (a resumed run reading its answers back) reads the scores instead of embedding
+    the answers and their references again, which is most of such a rerun's time. Other texts, another embedder
+    or a damaged file (with one warning): computed again and the file replaced."""
+    texts = [embedder_name, [str(a) for a in answers], [str(r) for r in correct_refs], [str(r) for r in incorrect_refs]]
+    key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+    if Path(cache).exists():
+        try:
+            saved = json.loads(Path(cache).read_text())
+            q = np.asarray(saved["q"], dtype=np.float64)
+            if saved["key"] == key and q.shape == (len(answers),):
+                return q, float(np.mean(q >= 0))
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("%s is damaged (%s): SEM is computed again.", cache, type(err).__name__)
+    q, sem = sem_scores(embedder, answers, correct_refs, incorrect_refs)
+    write_text(cache, json.dumps({"key": key, "embedder": embedder_name, "q": q.tolist()}))
+    return q, sem
 
 
 # ---------------------------------------------------------------------------------------------

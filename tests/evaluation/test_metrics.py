@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from slim.evaluation.metrics import (
+    cached_sem_scores,
     degeneracy_rate,
     is_degenerate,
     sem_scores,
@@ -74,6 +75,24 @@ def test_sem_counts_a_tie_as_good():
     emb = FixedEmbedder({"a": [1, 1], "x": [1, 0], "y": [0, 1]})
     q, sem = sem_scores(emb, ["a"], [["x"]], [["y"]])
     assert q[0] == pytest.approx(0.0) and sem == 1.0
+
+
+def test_sem_is_read_back_for_the_same_texts_and_embedder_and_computed_again_otherwise(tmp_path, caplog):
+    table = {"r": [1, 0], "s": [0, 1], "good": [1, 0.2], "bad": [0.1, 1]}
+    emb, cache = FixedEmbedder(table), tmp_path / "answers.sem.json"
+    want = sem_scores(FixedEmbedder(table), ["r", "s"], [["good"], "good"], [["bad"], "bad"])
+    first = cached_sem_scores(cache, emb, "fixed", ["r", "s"], [["good"], "good"], [["bad"], "bad"])
+    again = cached_sem_scores(cache, emb, "fixed", ["r", "s"], [["good"], "good"], [["bad"], "bad"])
+    assert len(emb.seen) == 1 and cache.is_file()  # the rerun embedded nothing
+    for got in (first, again):
+        assert np.array_equal(got[0], want[0]) and got[1] == want[1] == 0.5
+    cached_sem_scores(cache, emb, "fixed", ["s", "r"], [["good"], "good"], [["bad"], "bad"])  # other answers
+    cached_sem_scores(cache, emb, "other", ["s", "r"], [["good"], "good"], [["bad"], "bad"])  # another embedder
+    assert len(emb.seen) == 3
+    cache.write_text('{"key": ')
+    q, sem = cached_sem_scores(cache, emb, "other", ["s", "r"], [["good"], "good"], [["bad"], "bad"])
+    assert len(emb.seen) == 4 and "damaged" in caplog.text and np.array_equal(q, want[0][::-1])
+    assert json.loads(cache.read_text())["q"] == q.tolist()  # replaced by a good one
 
 
 def test_load_embedder_offline_minilm():
