@@ -109,6 +109,57 @@ def source_path(out_csv: Path) -> Path:
     return out_csv.with_name(out_csv.stem + ".source.json")
 
 
+def firing_path(out_csv: Path) -> Path:
+    return out_csv.with_name(out_csv.stem + ".firing.json")
+
+
+class _FiringTally:
+    """A detector policy's decoded positions and those where its layer fired, summed over every decode of an
+    answer file, an interrupted one and its resumption included, and kept beside it (`firing_path`) after each
+    batch, as the answers are. A record of another source, or of answers the file no longer holds, starts over."""
+
+    def __init__(self, edit, out_csv: Path, source: dict, have: set[int]):
+        self.edit, self.path = edit, firing_path(out_csv)
+        saved = _json_or_none(self.path)
+        fresh = {"source": source, "questions": [], "positions": 0, "fired": 0}
+        ok = isinstance(saved, dict) and saved.get("source") == source and set(saved.get("questions", [])) <= have
+        self.record = saved if ok else fresh
+        self.start = (0, 0)
+
+    def begin(self) -> None:
+        self.start = self.edit.firing_counts()
+
+    def commit(self, question_idx) -> None:
+        """A batch of `question_idx` was answered and written: add its counts (not those of a failed attempt)."""
+        positions, fired = self.edit.firing_counts()
+        self.record["positions"] += positions - self.start[0]
+        self.record["fired"] += fired - self.start[1]
+        self.record["questions"] += [int(i) for i in question_idx]
+        write_json(self.path, self.record)
+
+
+def _json_or_none(path: Path):
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def firing_rate_of(out_csv: str | os.PathLike, question_idx) -> float | None:
+    """The share of decoded positions at which the layer fired, over every decode of these questions' answers
+    in `out_csv` (`_FiringTally`); None where some of them were decoded without a count (read back from a file
+    written before counts were kept, or by another source) or nothing was decoded under a detector policy."""
+    out_csv = Path(out_csv)
+    record, source = _json_or_none(firing_path(out_csv)), _json_or_none(source_path(out_csv))
+    if not isinstance(record, dict) or record.get("source") != source or not record.get("positions"):
+        return None
+    if not {int(i) for i in question_idx} <= set(record.get("questions", [])):
+        return None
+    return record["fired"] / record["positions"]
+
+
 def _answered_elsewhere(out_csv: Path, source: dict, done: pd.DataFrame) -> pd.DataFrame:
     """The saved answers if they were made under `source`, else none: the old file is renamed (kept) with one
     warning. A file from before sources were recorded is taken as made under `source` when it is the
@@ -276,6 +327,8 @@ def answer_questions(
             write_checked(out_csv, lambda tmp: done[ANSWER_COLUMNS].to_csv(tmp, index=False))
         have = set(done["question_idx"].astype(int).tolist())
         todo = questions[~questions["question_idx"].isin(have)]
+        counted = callable(getattr(edit, "firing_counts", None)) and len(todo)
+        tally = _FiringTally(edit, out_csv, source, have) if counted else None
         # Longest prompts first: batches of similar length pad less.
         todo = todo.assign(_len=todo["Question"].str.len()).sort_values("_len", ascending=False, kind="stable")
         rows = done.to_dict("records")
@@ -311,21 +364,24 @@ def answer_questions(
             disable=not progress,
             unit="q",
         ) as bar:
-            _answer_in_batches(generate, todo, prompts, rows, batch_size, answer_rule, out_csv, bar)
+            _answer_in_batches(generate, todo, prompts, rows, batch_size, answer_rule, out_csv, bar, tally)
     # Only the questions asked: the file may hold others (another split or subset answered earlier into it).
     result = pd.DataFrame(rows, columns=ANSWER_COLUMNS)
     result = result[result["question_idx"].isin(questions["question_idx"])]
     return result.sort_values("question_idx").reset_index(drop=True)
 
 
-def _answer_in_batches(generate, todo, prompts, rows: list[dict], size: int, answer_rule: str, out_csv: Path, bar):
+def _answer_in_batches(generate, todo, prompts, rows: list[dict], size, answer_rule, out_csv: Path, bar, tally=None):
     """Answer `todo` (its `prompts`) `size` at a time with `generate(prompts)`, appending to `rows` and writing the
-    file after each batch. A batch that runs out of memory is answered again at half its size (one line), down to
-    one question; then AnsweringOutOfMemory, every answer so far already written."""
+    file after each batch (and `tally`'s counts, when given). A batch that runs out of memory is answered again at
+    half its size (one line), down to one question; then AnsweringOutOfMemory, every answer so far already
+    written."""
     start = 0
     while start < len(todo):
         batch = todo.iloc[start : start + size]
         generations = None
+        if tally:
+            tally.begin()
         try:
             generations = generate(prompts[start : start + size])
         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
@@ -346,6 +402,8 @@ def _answer_in_batches(generate, todo, prompts, rows: list[dict], size: int, ans
             answer, rule = extract_answer(g, answer_rule), answer_rule
             rows.append(dict(question_idx=int(idx), question=q, generation=g, answer=answer, answer_rule=rule))
         write_checked(out_csv, lambda tmp: pd.DataFrame(rows, columns=ANSWER_COLUMNS).to_csv(tmp, index=False))
+        if tally:
+            tally.commit(batch["question_idx"])
         kill_point("answers")
         bar.update(len(batch))
         start += len(batch)

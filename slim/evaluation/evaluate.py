@@ -137,12 +137,10 @@ def measure(
 ) -> Measured:
     """Everything of `evaluate` that needs the subject model: the answers (to `answers_csv`, resumed if it
     exists), SLIM's firing rate, MC1/MC2 and CE/KL (cached beside the answers)."""
-    from ..answering.answers import answer_questions
+    from ..answering.answers import answer_questions, firing_rate_of
     from ..answering.likelihood import ce_and_kl, load_text_corpus, mc_scores
 
-    counts = getattr(edit, "reset_counts", None)
-    if callable(counts):
-        counts()  # SLIM: count the decoded positions at which its detector fires
+    counts = getattr(edit, "firing_counts", None)  # SLIM: the decoded positions at which its detector fires
     answers = answer_questions(
         lm.model,
         lm.tokenizer,
@@ -155,21 +153,16 @@ def measure(
         stop_at_answer=stop_at_answer,
         answer_rule=answer_rule,
     )
-    # share of the positions decoded in this run (not those of answers read back) where SLIM's layer fired
-    firing = {"firing_rate": edit.firing_rate()} if callable(counts) else {}
-    # MC1/MC2, CE/KL and the firing rate: kept beside the answers, keyed by what made them (a rerun recomputes none)
+    # share of the decoded positions where SLIM's layer fired, over every decode of these answers (resumed ones too)
+    firing = {"firing_rate": firing_rate_of(answers_csv, questions["question_idx"])} if callable(counts) else {}
+    # MC1/MC2 and CE/KL: kept beside the answers, keyed by what made them (a rerun recomputes none)
     cache_path = answers_csv.with_name(answers_csv.stem + ".metrics.json")
     key = _metrics_key(answers_csv, questions, likelihood_edit, tqa_dir)
     cached = _read_metrics_cache(cache_path, key)
     before = dict(cached)
     likelihood = {}
-    if callable(counts):
-        if firing["firing_rate"] is None:  # nothing decoded in this run: the rate measured when it was
-            firing["firing_rate"] = cached.get("firing_rate")
-        else:  # kept at once: the answers are not decoded again, so a stop during MC1/MC2 or CE/KL would lose it
-            cached["firing_rate"] = firing["firing_rate"]
-            _write_metrics_cache(cache_path, key, cached)
-            before = dict(cached)
+    if callable(counts) and firing["firing_rate"] is None:  # answers decoded before counts were kept beside them
+        firing["firing_rate"] = cached.get("firing_rate")  # the rate their decoding measured, if it was kept
     if mc:
         if "mc" not in cached:
             cached["mc"] = mc_scores(

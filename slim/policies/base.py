@@ -186,6 +186,10 @@ class DetectorPolicy(Policy):
         during generation, of the decoded positions. None when no position was edited."""
         return float(self._fired) / self._seen if self._seen else None
 
+    def firing_counts(self) -> tuple[int, int]:
+        """(edited positions, positions where the layer fired) since reset_counts(): one sync on a GPU."""
+        return self._seen, 0 if self._fired is None else int(self._fired)
+
     def move(self, layer: int, a: torch.Tensor) -> torch.Tensor:
         new, _, fired = self.step(a)
         self._seen += fired.numel()

@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import json
 import logging
 
 import numpy as np
@@ -121,6 +122,59 @@ def test_answers_are_written_incrementally_and_resume(tmp_path, tokenizer):
     assert full["question_idx"].tolist() == [1, 3, 7]
     assert full.iloc[:2]["generation"].tolist() == first["generation"].tolist()
     assert sorted(pd.read_csv(out)["question_idx"]) == [1, 3, 7]
+
+
+def test_a_decode_stopped_part_way_and_resumed_fires_at_the_rate_of_an_unbroken_one(tmp_path, tokenizer, monkeypatch):
+    """The firing counts kept beside the answers cover every batch of every decode (a stop and its resumption
+    included), not only the batches of the last process; answers decoded without counts give no rate."""
+    import slim.answering.answers as answers
+
+    model = tiny_model("llama", max_positions=512)
+    policy = random_policy("slim", model, kappa=5.0)
+    qs = pd.DataFrame(
+        {"question_idx": range(5), "Question": ["What is it ?", "who ?", "where is London ?", "why", "a b"]}
+    )
+    run = functools.partial(answer_questions, model, tokenizer, qs, edit=policy, batch_size=2, max_new_tokens=4,
+                            progress=False)  # fmt: skip
+    run(tmp_path / "whole.csv")
+    whole = answers.firing_rate_of(tmp_path / "whole.csv", qs["question_idx"])
+    counts = json.loads(answers.firing_path(tmp_path / "whole.csv").read_text())
+    assert whole == counts["fired"] / counts["positions"] and counts["positions"] > 5  # each answer's decoded steps
+
+    real, calls = answers._answer_in_batches, []
+
+    def stop_after_one_batch(generate, *args, **kwargs):
+        def once(prompts):
+            calls.append(len(prompts))
+            if len(calls) > 1:
+                raise KeyboardInterrupt
+            return generate(prompts)
+
+        return real(once, *args, **kwargs)
+
+    def stop(csv):
+        calls.clear()
+        with monkeypatch.context() as m:
+            m.setattr(answers, "_answer_in_batches", stop_after_one_batch)
+            with pytest.raises(KeyboardInterrupt):
+                run(csv)
+        assert len(pd.read_csv(csv)) == 2  # one batch written, then the stop
+
+    stop(tmp_path / "stopped.csv")
+    policy.reset_counts()
+    run(tmp_path / "stopped.csv")  # the resumption decodes the other three
+    resumed = json.loads(answers.firing_path(tmp_path / "stopped.csv").read_text())
+    assert policy.firing_counts()[0] < counts["positions"]  # what the resumed process alone saw (counted before)
+    assert (resumed["positions"], resumed["fired"]) == (counts["positions"], counts["fired"])
+    assert sorted(resumed["questions"]) == list(range(5))
+    assert answers.firing_rate_of(tmp_path / "stopped.csv", qs["question_idx"]) == whole
+
+    # a file answered before counts were kept (no record beside it) has no rate, even once resumed
+    stop(tmp_path / "old.csv")
+    answers.firing_path(tmp_path / "old.csv").unlink()
+    run(tmp_path / "old.csv")
+    assert answers.firing_rate_of(tmp_path / "old.csv", qs["question_idx"]) is None
+    assert len(json.loads(answers.firing_path(tmp_path / "old.csv").read_text())["questions"]) == 3
 
 
 def test_shared_prefix_starts_every_prompt():
