@@ -174,13 +174,15 @@ stage "7/8 transfer to NQ-open"
 nq=(); [ -n "${NQ_FILE:-}" ] && nq=(--nq_file "$NQ_FILE")
 [ -n "$NQ_QUESTIONS" ] && nq+=(--max_questions "$NQ_QUESTIONS")
 transfer=(python transfer.py "$iti_row" "$slim_row" "$linear_act_row" "${nq[@]}")
-# the answer sets (the unintervened model's, each fold's policy's) need nothing of one another: a unit each, then
-# the report reads them back and scores them
-answer_sets=$("${transfer[@]}" --list_answer_sets "$@")
-for answers in $answer_sets; do
-  unit "$MODEL transfer answers $answers" -- "${transfer[@]}" --answer_set "$answers" "$@"
-done
-wait_units
+# the answer sets (the unintervened model's, each fold's policy's) need nothing of one another: under ray a unit
+# each, then the report reads them back and scores them; run in turn, the report answers them all with one model load
+if [ "$_ENGINE_MODE" = ray ]; then
+  answer_sets=$("${transfer[@]}" --list_answer_sets "$@")
+  for answers in $answer_sets; do
+    unit "$MODEL transfer answers $answers" -- "${transfer[@]}" --answer_set "$answers" "$@"
+  done
+  wait_units
+fi
 unit "$MODEL transfer" -- "${transfer[@]}" --out "$PAPER_DIR/transfer_${name}_${mode}.md" "$@"
 wait_units
 
