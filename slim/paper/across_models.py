@@ -8,7 +8,8 @@ reproduce.sh). Every value and change comes from slim.evaluation.reports, as in 
 True*Info, True % and Info % pooled over the folds' scored answers with their 95 % bootstrap intervals
 (interval_table), and each method's change from that model's unintervened answers on the same questions with its
 paired interval (paired_differences, pooled over folds); MC1 / MC2 and CE / KL are the fold means where measured
-(comparison_table). The judges are named per model (judges_note).
+(comparison_table). The judges are named per model (judges_note). table1_summary cuts one model's Table 1 file
+to its headline, as the README shows it.
 """
 
 from __future__ import annotations
@@ -93,6 +94,36 @@ def _pooled_change(diffs: pd.DataFrame, label: str):
     if not pooled.empty:
         return pooled.iloc[0]
     return own.iloc[0] if len(own) == 1 else None
+
+
+def _blocks(text: str) -> list[list[str]]:
+    """A Markdown file cut into blocks at blank lines."""
+    blocks, block = [], []
+    for line in text.strip().splitlines():
+        if line.strip():
+            block.append(line)
+        elif block:
+            blocks.append(block)
+            block = []
+    return blocks + ([block] if block else [])
+
+
+def table1_summary(text: str) -> str:
+    """The headline of Table 1's file: the pooled values with their intervals, the pooled paired changes from the
+    unintervened model, and the judges line (the per-fold rows and the other columns stay in the file)."""
+    blocks = _blocks(text)
+    out = []
+    for i, block in enumerate(blocks):
+        first = block[0]
+        if first.startswith("Pooled over folds") and i + 1 < len(blocks):
+            out += [first, "", *blocks[i + 1], ""]
+        elif first.startswith("Change from the unintervened") and i + 1 < len(blocks):
+            header, rule, *rows = blocks[i + 1]
+            pooled = [r for r in rows if "| pooled |" in r]
+            out += [first.replace(":", ", pooled over folds:", 1), "", header, rule, *pooled, ""]
+        elif first.startswith("Judges:"):
+            out += [first, ""]
+    return "\n".join(out).rstrip()
 
 
 def combined_table(paper_dir: str | Path, models: list[str], mode: str, command: str | None = None) -> str:

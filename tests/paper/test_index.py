@@ -137,3 +137,22 @@ def test_the_index_and_the_readme_cover_every_model_run(tmp_path):
     assert readme.read_text().split(BEGIN)[1].split(END)[0] == section
     with pytest.raises(ValueError, match=r"index_models_full.json is missing: run `MODELS=\.\.\. bash reproduce.sh`"):
         models_section(paper, "full", readme)
+
+
+def test_models_run_one_command_each_sum_their_wall_times(tmp_path):
+    write_model_run(tmp_path, "model_a", 0, "judge_a", 24, stage_seconds={"1/8": 100, "2/8": 20})
+    write_model_run(tmp_path, "model_b", 1, "judge_b", 6)  # no ledger: its last invocation's 65 s
+    paper = tmp_path / "paper"
+    out, record = write_models_index(paper, ["model_a", "model_b"], "quick")
+    assert record["command"] is None and record["seconds"] == 120 + 65
+    assert "from each model's own run (its command below; 3 min 05 s in all, summed over them)" in out.read_text()
+    assert "Produced" in (paper / "table1_models_quick.md").read_text()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# P\n\n{BEGIN}\nold\n{END}\n")
+    main(["--paper_dir", str(paper), "--models", "model_a", "model_b", "--mode", "quick", "--readme", str(readme)])
+    section = readme.read_text().split(BEGIN)[1].split(END)[0]
+    assert "from each model's own run on " in section and "3 min 05 s wall time in all, summed," in section
+    assert "**model_b**: `MODEL=model_b bash reproduce.sh`, " in section and "None" not in section
+    # one of the two is a mistake, not a guess
+    with pytest.raises(SystemExit):
+        main(["--paper_dir", str(paper), "--models", "model_a", "model_b", "--mode", "quick", "--seconds", "9"])
