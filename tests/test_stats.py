@@ -52,7 +52,11 @@ def _summary(tmp_path, method, knob, verdicts_by_fold):
             {"question_idx": idx, "truth_score": np.where(t, 0.9, 0.1), "info_score": np.where(i, 0.8, 0.2)}
         ).to_csv(scored, index=False)
         rows.append({"method": method, "fold": fold, "split": "test", "scored_answers": str(scored), **knob})
-    rows.append({"method": method, "fold": "mean", "split": "test", **knob})
+    t = np.concatenate([t for t, _ in verdicts_by_fold.values()]).mean()
+    i = np.concatenate([i for _, i in verdicts_by_fold.values()]).mean()
+    means = {"true": 100 * t, "info": 100 * i, "true_info": 100 * t * i, "sem": 0.4, "degeneracy": 0.0}
+    n = np.mean([len(t) for t, _ in verdicts_by_fold.values()])
+    rows.append({"method": method, "fold": "mean", "split": "test", "n_questions": n, **means, **knob})
     path = tmp_path / f"{method}.json"
     path.write_text(json.dumps(rows))
     return path
@@ -93,3 +97,36 @@ def test_report_gives_each_method_its_pooled_values_with_intervals(tmp_path):
     np.testing.assert_allclose(row["true"][1:], hand, atol=1.5)
     assert row["true_info"][1] < row["true_info"][0] < row["true_info"][2]
     assert "| iti | alpha = 2 | 160 |" in interval_markdown(interval_table([path]))
+
+
+def test_report_pairs_every_row_against_a_chosen_summary(tmp_path):
+    from slim.evaluation.reports import main as report
+
+    rng = np.random.default_rng(6)
+    base = {f: (rng.random(60) < 0.4, rng.random(60) < 0.7) for f in (0, 1)}
+    iti = {f: (t | (rng.random(60) < 0.3), i) for f, (t, i) in base.items()}
+    slim = {f: (t | (rng.random(60) < 0.5), i & (rng.random(60) < 0.8)) for f, (t, i) in base.items()}
+    paths = [
+        _summary(tmp_path, "baseline", {}, base),
+        _summary(tmp_path, "slim", {"kappa": 40.0}, slim),
+        _summary(tmp_path, "iti", {"alpha": 2.0}, iti),
+    ]
+    diffs = paired_differences(paths, reference=paths[2])
+    assert diffs["method"].tolist() == ["baseline"] * 3 + ["slim"] * 3  # the reference is not paired with itself
+
+    def pooled(v, k):
+        return np.concatenate([v[f][k] for f in (0, 1)]).astype(float).mean()
+
+    slim_row = diffs[(diffs["method"] == "slim") & (diffs["fold"] == "pooled")].iloc[0]
+    assert slim_row["true"][0] == pytest.approx(100 * (pooled(slim, 0) - pooled(iti, 0)))
+    assert slim_row["info"][0] == pytest.approx(100 * (pooled(slim, 1) - pooled(iti, 1)))
+    base_row = diffs[(diffs["method"] == "baseline") & (diffs["fold"] == "pooled")].iloc[0]
+    assert base_row["true"][0] == pytest.approx(100 * (pooled(base, 0) - pooled(iti, 0)))
+
+    out = tmp_path / "versus.md"
+    report([*map(str, paths), "--paired_against", str(paths[2]), "--out", str(out)])
+    text = out.read_text()
+    assert f"Change from iti (alpha = 2; `{paths[2]}`) on the same questions" in text
+    assert "| slim | kappa = 40 | pooled | 120 |" in text and "| iti | alpha = 2 | pooled |" not in text
+    with pytest.raises(ValueError, match="is not among the summaries: list it there too"):
+        report([*map(str, paths[:2]), "--paired_against", str(paths[2])])

@@ -151,24 +151,30 @@ def _verdicts(path) -> pd.DataFrame | None:
     )
 
 
-def paired_differences(summaries: list[str | os.PathLike], labels: list[str] | None = None) -> pd.DataFrame:
+def paired_differences(
+    summaries: list[str | os.PathLike], labels: list[str] | None = None, reference: str | os.PathLike | None = None
+) -> pd.DataFrame:
     """Each method's change from the unintervened model (a summary of method "baseline") on the same questions:
     True %, Info % and True*Info in points with paired 95 % bootstrap intervals and p-values
     (slim.stats), per fold and pooled over folds. Each summary is paired with the baseline summary in
-    its own folder (one run's out_dir), else with the first baseline given. Empty when there is none or the scored
-    answers are missing."""
+    its own folder (one run's out_dir), else with the first baseline given. With `reference` (a summary), every
+    other summary, the baseline's too, is paired with it instead (SLIM against ITI, say). Empty when there is no
+    baseline or the scored answers are missing."""
     from ..stats import paired_difference
     from .metrics import read_summary
 
     read = [read_summary(path) for path in summaries]
     labels = list(labels) if labels else [None] * len(read)
-    baselines = {Path(p).parent: folds for p, (folds, mean) in zip(summaries, read) if mean["method"] == "baseline"}
+    if reference is None:
+        baselines = {Path(p).parent: f for p, (f, mean) in zip(summaries, read) if mean["method"] == "baseline"}
+    else:
+        baselines = {None: read_summary(reference)[0]}
     if not baselines:
         return pd.DataFrame()
     first = next(iter(baselines.values()))
     rows = []
     for path, label, (folds, mean) in zip(summaries, labels, read):
-        if mean["method"] == "baseline":
+        if mean["method"] == "baseline" if reference is None else Path(path).resolve() == Path(reference).resolve():
             continue
         base_by_fold = {r["fold"]: _verdicts(r.get("scored_answers")) for r in baselines.get(Path(path).parent, first)}
         setting = _setting(mean)
@@ -238,8 +244,9 @@ def interval_markdown(intervals: pd.DataFrame) -> str:
     )
 
 
-def paired_markdown(diffs: pd.DataFrame) -> str:
-    """The paired differences as a Markdown table: each cell `+d (lo to hi)`, and True*Info's p-value."""
+def paired_markdown(diffs: pd.DataFrame, against: str = "the unintervened model") -> str:
+    """The paired differences as a Markdown table: each cell `+d (lo to hi)`, and True*Info's p-value; `against`
+    names what they are changes from."""
     if diffs.empty:
         return ""
 
@@ -257,7 +264,7 @@ def paired_markdown(diffs: pd.DataFrame) -> str:
     cols = ["method", "setting", "fold", "questions", "True*Info", "p (True*Info)", "True %", "Info %"]
     cols = (["run"] if "run" in diffs else []) + cols
     return (
-        "Change from the unintervened model on the same questions (points; paired 95 % bootstrap intervals over "
+        f"Change from {against} on the same questions (points; paired 95 % bootstrap intervals over "
         "questions, 9,999 resamples; p two-sided):\n\n" + markdown_table(table, cols)
     )
 
@@ -294,9 +301,14 @@ def main(argv=None):
     parser.add_argument("--command", default=None, help="the command that produced the summaries (recorded)")
     parser.add_argument("--out", default=None, help="write the Markdown here too")
     parser.add_argument("--labels", nargs="+", default=None, help="a name for each summary's row (column 'run')")
+    parser.add_argument(
+        "--paired_against", default=None, help="pair every row with this summary, not the unintervened model's"
+    )
     args = parser.parse_args(argv)
     if args.labels and len(args.labels) != len(args.summaries):
         raise ValueError(f"--labels names {len(args.labels)} rows for {len(args.summaries)} summaries: give one each.")
+    if args.paired_against and Path(args.paired_against).resolve() not in {Path(p).resolve() for p in args.summaries}:
+        raise ValueError(f"--paired_against {args.paired_against} is not among the summaries: list it there too.")
     table = comparison_table(args.summaries, args.labels)
     cols = ["method", "setting", "folds", "questions", "True*Info", "True %", "Info %", "SEM", "degenerate"]
     cols = (["run"] if args.labels else []) + cols
@@ -311,7 +323,13 @@ def main(argv=None):
     text = f"### {args.title}\n\n" + markdown_table(fmt_table, cols)
     intervals = interval_markdown(interval_table(args.summaries, args.labels))
     text += f"\n{intervals}" if intervals else ""
-    paired = paired_markdown(paired_differences(args.summaries, args.labels))
+    against = "the unintervened model"
+    if args.paired_against:  # named by its method and setting, and its file
+        from .metrics import read_summary
+
+        _, ref = read_summary(args.paired_against)
+        against = f"{ref['method']} ({_setting(ref)}; `{args.paired_against}`)"
+    paired = paired_markdown(paired_differences(args.summaries, args.labels, args.paired_against), against)
     text += f"\n{paired}" if paired else ""
     note = judges_note(table)
     text += f"\n{note}\n" if note else ""
