@@ -153,6 +153,10 @@ iti_on_slim_row=$(last iti_on_slim)
 report "$PAPER_DIR/table2_${name}_${mode}.md" "Table 2: head selection vs intervention, $MODEL ($mode; $judges)" \
   "$base_row" "$iti_row" "$slim_row" "$slim_on_iti_row" "$iti_on_slim_row" --labels unintervened ITI SLIM \
   "ITI's heads + SLIM's maps" "SLIM's layer + ITI's shifts"
+# Table 1's and Table 2's runs each paired against ITI's answers to the same questions: where SLIM is ahead of ITI
+report "$PAPER_DIR/versus_iti_${name}_${mode}.md" "Against ITI: $MODEL ($mode; $judges)" "$iti_row" "$base_row" \
+  "$slim_row" "${rows[3]}" "$linear_act_row" "$slim_on_iti_row" "$iti_on_slim_row" --paired_against "$iti_row" \
+  --labels ITI unintervened SLIM MiMiC Linear-AcT "ITI's heads + SLIM's maps" "SLIM's layer + ITI's shifts"
 
 stage "5/8 Table 3: the probes' loss"
 for loss in cross_entropy l2; do

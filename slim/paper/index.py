@@ -38,6 +38,7 @@ END = "<!-- reproduce.sh results: end -->"
 ARTEFACTS = [
     ("Table 1", "table1_{model}_{mode}.md", "unintervened, ITI, SLIM, MiMiC and Linear-AcT on the test questions"),
     ("Table 2", "table2_{model}_{mode}.md", "head selection against intervention: the mixed arms"),
+    ("Against ITI", "versus_iti_{model}_{mode}.md", "every other run's paired change from ITI's answers"),
     ("Table 3", "table3_{model}_{mode}.md", "SLIM with probes trained by FPR+FNR, cross-entropy and l2"),
     ("Table 4", "table4_{model}_{mode}.md", "running time on this machine"),
     ("Table 5", "table5_{model}_{mode}.md", "qualitative examples, chosen by a seeded rule"),
@@ -311,8 +312,9 @@ def models_section(paper_dir: str | Path, mode: str, readme: Path) -> str:
         other = "full" if mode == "quick" else "quick"
         if (paper_dir / f"index_{model}_{other}.json").exists():  # its run in the other mode, on record
             o = json.loads((paper_dir / f"index_{model}_{other}.json").read_text())
-            name = f"index_{model}_{other}.md"
-            line += f" Its {other} run: `{o['command']}`, {o['date']} ([{name}]({rel / name}))."
+            links = [f"index_{model}_{other}.md"] + ([_table1(o).name] if _table1(o) else [])
+            links = ", ".join(f"[{name}]({rel / name})" for name in links)
+            line += f" Its {other} run: `{o['command']}`, {o['date']}, {_wall_time(o)} wall time ({links})."
         parts += [line, ""]
         table1 = _table1(r)
         if table1 is not None:

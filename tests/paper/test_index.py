@@ -122,12 +122,18 @@ def test_the_index_and_the_readme_cover_every_model_run(tmp_path):
     assert (
         section.count("| slim | kappa = 40 | pooled | 160 |") == 2 and "| slim | kappa = 40 | 0 | 80 |" not in section
     )
-    assert "[Table 2](paper/table2_model_b_quick.md)" in section and "not written: Table 2, Table 3" in section
+    assert (
+        "[Table 2](paper/table2_model_b_quick.md)" in section
+        and "not written: Table 2, Against ITI, Table 3" in section
+    )
     assert (
         "**model_a**: `MODEL=model_a bash reproduce.sh`, " in section and "2 min 00 s over 1 invocation(s)" in section
     )
     assert "Its full run: `FULL=1 x`, " in section and section.count("Its full run") == 1
-    assert "([index_model_a_full.md](paper/index_model_a_full.md))" in section
+    # with its wall time and its Table 1 (here the quick run's file, which the copied record names)
+    full_line = "2 min 00 s over 1 invocation(s) wall time ([index_model_a_full.md](paper/index_model_a_full.md), "
+    assert full_line in section
+    assert "[table1_model_a_quick.md](paper/table1_model_a_quick.md))." in section
     assert "**Cost per stage.**" in section and "| 2/8 stage 2/8 | 20 | 40 | 2.00x |" in section
 
     # the command: --readme_only rewrites the section from the indexes; a run without them is one line

@@ -74,7 +74,7 @@ def test_every_artefact_is_written_and_indexed(reproduced):
     index = json.loads((root / "paper" / "index_llama_7B_quick.json").read_text())
     missing = [a["name"] for a in index["artefacts"] if not a["exists"]]
     assert not missing, missing
-    assert len(index["artefacts"]) == 11 and index["seconds"] > 0 and "reproduce.sh" in index["command"]
+    assert len(index["artefacts"]) == 12 and index["seconds"] > 0 and "reproduce.sh" in index["command"]
     assert index["command"].startswith('MODEL="llama_7B" ') and 'NUM_HEADS="4"' in index["command"]
     # Table 1's five summaries and ITI's K, with the rule that chose it (here the caller's NUM_HEADS)
     assert len(index["table1_summaries"]) == 5 and all(os.path.exists(p) for p in index["table1_summaries"])
@@ -105,6 +105,9 @@ def test_tables_carry_intervals_and_every_row(reproduced):
         assert "Produced " in text and "reproduce.sh" in text, name
     table2 = (paper / "table2_llama_7B_quick.md").read_text()
     assert "| slim_on_iti_heads |" in table2 and "| iti_on_slim_layer |" in table2
+    versus = (paper / "versus_iti_llama_7B_quick.md").read_text()  # every other run against ITI's answers
+    assert "Change from iti (alpha = " in versus and "| SLIM | slim |" in versus and "| ITI | iti |" in versus
+    assert "| ITI | iti | alpha" not in versus.split("Change from iti")[1]  # ITI is not paired with itself
     table3 = (paper / "table3_llama_7B_quick.md").read_text()
     assert "binary cross-entropy" in table3 and "| l2 |" in table3
 
