@@ -50,6 +50,16 @@ def model_record(paper_dir: str | Path, model: str, mode: str) -> dict:
             f"{path} names no Table 1 summaries (written before they were recorded): run "
             f"`MODEL={model} bash reproduce.sh` ({mode} mode) again; it reads back what it finished."
         )
+    from ..evaluation.metrics import read_summary
+
+    for summary in record["table1_summaries"]:  # the intervals read every answer's verdicts: none may be missing
+        gone = [r.get("scored_answers") for r in read_summary(summary)[0]]
+        gone = [str(a) for a in gone if not a or not Path(a).exists()]
+        if gone:
+            raise ValueError(
+                f"{summary} names scored answers that are not on this machine ({', '.join(gone)}): Table 1 across "
+                f"the models needs them; run it where `MODEL={model} bash reproduce.sh` ({mode} mode) ran."
+            )
     return record
 
 

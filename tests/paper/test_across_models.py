@@ -2,6 +2,7 @@
 every change paired against that model's own unintervened answers, as slim.evaluation.reports computes them."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -162,3 +163,9 @@ def test_the_judges_and_k_are_named_per_model_and_a_missing_index_is_one_line(tw
     old.write_text(json.dumps({"model": "old", "artefacts": []}))
     with pytest.raises(ValueError, match="names no Table 1 summaries"):
         combined_table(tmp_path, ["old"], "quick")
+    # a run whose scored answers are gone (another machine's) is refused, not shown as dashes
+    summaries, _ = write_model_run(tmp_path, "model_c", 2, "judge_c", 6)
+    gone = json.loads(open(summaries[1]).read())[0]["scored_answers"]
+    os.remove(gone)
+    with pytest.raises(ValueError, match=f"names scored answers that are not on this machine \\({re.escape(gone)}\\)"):
+        combined_table(tmp_path / "paper", ["model_c"], "quick")
