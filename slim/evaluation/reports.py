@@ -167,14 +167,16 @@ def paired_differences(
     labels = list(labels) if labels else [None] * len(read)
     if reference is None:
         baselines = {Path(p).parent: f for p, (f, mean) in zip(summaries, read) if mean["method"] == "baseline"}
+        skip = [mean["method"] == "baseline" for _, mean in read]
     else:
         baselines = {None: read_summary(reference)[0]}
+        skip = [Path(p).resolve() == Path(reference).resolve() for p in summaries]
     if not baselines:
         return pd.DataFrame()
     first = next(iter(baselines.values()))
     rows = []
-    for path, label, (folds, mean) in zip(summaries, labels, read):
-        if mean["method"] == "baseline" if reference is None else Path(path).resolve() == Path(reference).resolve():
+    for path, label, (folds, mean), skipped in zip(summaries, labels, read, skip):
+        if skipped:  # the unintervened model (or the reference) is not paired with itself
             continue
         base_by_fold = {r["fold"]: _verdicts(r.get("scored_answers")) for r in baselines.get(Path(path).parent, first)}
         setting = _setting(mean)
